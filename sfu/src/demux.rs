@@ -1,0 +1,170 @@
+//! The routing table of the media socket.
+//!
+//! Every peer connection of the node shares one UDP port, so each datagram must be matched to
+//! its connection. The first packet from a browser is a STUN binding request whose USERNAME is
+//! `<our ufrag>:<their ufrag>`; our ufrag is unique per connection, so it names the
+//! connection. From then on the sender's address is enough: DTLS, SRTP and later STUN
+//! packets from that address go to the same connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use tokio::sync::mpsc;
+
+/// A peer connection on this node, unique for the life of the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PcId(pub u64);
+
+/// A datagram on its way to the room that owns its peer connection.
+#[derive(Debug)]
+pub struct Datagram {
+    pub pc: PcId,
+    pub source: SocketAddr,
+    pub at: std::time::Instant,
+    pub data: Vec<u8>,
+}
+
+/// Changes to the routing table, sent by rooms to the socket task.
+#[derive(Debug)]
+pub enum DemuxControl {
+    Register {
+        ufrag: String,
+        pc: PcId,
+        room: mpsc::Sender<Datagram>,
+    },
+    Unregister {
+        pc: PcId,
+    },
+}
+
+/// Where a datagram goes.
+#[derive(Default)]
+pub struct RouteTable {
+    by_ufrag: HashMap<String, Route>,
+    by_addr: HashMap<SocketAddr, Route>,
+}
+
+#[derive(Clone)]
+pub struct Route {
+    pub pc: PcId,
+    pub room: mpsc::Sender<Datagram>,
+    ufrag: String,
+}
+
+impl RouteTable {
+    pub fn apply(&mut self, control: DemuxControl) {
+        match control {
+            DemuxControl::Register { ufrag, pc, room } => {
+                let route = Route {
+                    pc,
+                    room,
+                    ufrag: ufrag.clone(),
+                };
+                self.by_ufrag.insert(ufrag, route);
+            }
+            DemuxControl::Unregister { pc } => {
+                self.by_ufrag.retain(|_, r| r.pc != pc);
+                self.by_addr.retain(|_, r| r.pc != pc);
+            }
+        }
+    }
+
+    /// Finds the route for a datagram. A STUN request with a known ufrag also teaches the
+    /// table its source address, which is how later non-STUN packets find their way.
+    pub fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<&Route> {
+        if let Some(ufrag) = stun_local_ufrag(data) {
+            if let Some(route) = self.by_ufrag.get(ufrag) {
+                let known = self.by_addr.get(&source).map(|r| r.ufrag.as_str());
+                if known != Some(ufrag) {
+                    self.by_addr.insert(source, route.clone());
+                }
+            }
+        }
+        self.by_addr.get(&source)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> (usize, usize) {
+        (self.by_ufrag.len(), self.by_addr.len())
+    }
+}
+
+/// The local (first) half of a STUN USERNAME, if `data` is a STUN message that has one.
+fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
+    // RFC 7983: STUN messages start with a byte in 0..=3. Anything else (DTLS 20..=63,
+    // RTP/RTCP 128..=191) is not STUN and skips the parse.
+    if data.first().is_none_or(|b| *b > 3) {
+        return None;
+    }
+    let msg = str0m::ice::StunMessage::parse(data).ok()?;
+    let (local, _remote) = msg.split_username()?;
+    // The parsed message borrows `data`, so the ufrag slice can be returned from it.
+    let start = local.as_ptr() as usize - data.as_ptr() as usize;
+    std::str::from_utf8(data.get(start..start + local.len())?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stun_request(username: &str) -> Vec<u8> {
+        // A minimal binding request: header, USERNAME attribute, no integrity. The parser
+        // only needs the attribute to split the username.
+        let mut attr = Vec::new();
+        let name = username.as_bytes();
+        attr.extend_from_slice(&0x0006u16.to_be_bytes());
+        attr.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        attr.extend_from_slice(name);
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&0x0001u16.to_be_bytes());
+        msg.extend_from_slice(&(attr.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&0x2112A442u32.to_be_bytes());
+        msg.extend_from_slice(&[7u8; 12]);
+        msg.extend_from_slice(&attr);
+        msg
+    }
+
+    #[test]
+    fn stun_username_routes_then_address_routes() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut table = RouteTable::default();
+        table.apply(DemuxControl::Register {
+            ufrag: "srvA".into(),
+            pc: PcId(7),
+            room: tx,
+        });
+        let peer: SocketAddr = "127.0.0.1:50000".parse().expect("literal address");
+
+        // A DTLS packet before any STUN has nowhere to go.
+        assert!(table.route(peer, &[22, 254, 253]).is_none());
+
+        let stun = stun_request("srvA:browserX");
+        assert_eq!(table.route(peer, &stun).map(|r| r.pc), Some(PcId(7)));
+        assert_eq!(
+            table.route(peer, &[22, 254, 253]).map(|r| r.pc),
+            Some(PcId(7))
+        );
+    }
+
+    #[test]
+    fn unknown_ufrag_and_unregistered_connections_are_not_routed() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut table = RouteTable::default();
+        table.apply(DemuxControl::Register {
+            ufrag: "srvA".into(),
+            pc: PcId(1),
+            room: tx,
+        });
+        let peer: SocketAddr = "127.0.0.1:50001".parse().expect("literal address");
+
+        assert!(table.route(peer, &stun_request("other:x")).is_none());
+
+        assert!(table.route(peer, &stun_request("srvA:x")).is_some());
+        table.apply(DemuxControl::Unregister { pc: PcId(1) });
+        assert!(table.route(peer, &[128, 0, 0, 1]).is_none());
+        assert_eq!(table.len(), (0, 0));
+    }
+}

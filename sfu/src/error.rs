@@ -1,0 +1,38 @@
+use thiserror::Error;
+
+/// What can go wrong in the media plane. Each variant has a stable [`SfuError::code`].
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SfuError {
+    #[error("cannot bind the media socket: {0}")]
+    Bind(#[source] std::io::Error),
+    #[error("the room has closed")]
+    RoomClosed,
+    #[error("no such participant in the room")]
+    UnknownParticipant,
+    #[error("the participant is already in the room")]
+    AlreadyPresent,
+    #[error("the room is full ({0} people)")]
+    RoomFull(usize),
+    #[error("the session description could not be used: {0}")]
+    BadSdp(String),
+    #[error(
+        "the answer does not belong to the pending offer (negotiation {got}, pending {pending:?})"
+    )]
+    StaleAnswer { got: u64, pending: Option<u64> },
+}
+
+impl SfuError {
+    /// A stable code for logs, signaling errors and tests.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SfuError::Bind(_) => "media_bind",
+            SfuError::RoomClosed => "room_closed",
+            SfuError::UnknownParticipant => "unknown_participant",
+            SfuError::AlreadyPresent => "already_joined",
+            SfuError::RoomFull(_) => "room_full",
+            SfuError::BadSdp(_) => "negotiation_failed",
+            SfuError::StaleAnswer { .. } => "stale_answer",
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Haven's media plane: a selective forwarding unit on one UDP port.
+//!
+//! Map of the crate:
+//!
+//! - [`Sfu`] binds the node's media socket and opens rooms ([`Sfu::open_room`]).
+//! - `socket`: the one task that reads the UDP socket and routes each datagram to the room
+//!   that owns its peer connection (`demux` holds the routing table).
+//! - `room`: one task per room. It owns every peer connection of the room (str0m `Rtc`s in
+//!   RTP mode) and forwards packets between them; nothing on the packet path takes a lock.
+//! - `forward`: per subscriber and track, rewrites sequence numbers and waits for a keyframe.
+//! - `keyframe`: keyframe detection and the per-track request throttle.
+//! - `activity`: notices when a participant's media starts and stops flowing.
+//!
+//! The rest of Haven talks to a room through [`RoomHandle`] (commands with typed replies) and
+//! hears from it through [`RoomEvent`]s. str0m stays an implementation detail of this crate.
+
+mod activity;
+mod demux;
+mod error;
+mod forward;
+mod keyframe;
+mod room;
+mod socket;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use haven_ids::{ParticipantId, SessionId};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+pub use error::SfuError;
+
+/// How many commands may queue for one room before senders wait.
+const ROOM_COMMAND_QUEUE: usize = 256;
+
+/// How many events may queue from a room toward signaling. A room never waits on this queue
+/// for media; see [`RoomEvent`].
+const ROOM_EVENT_QUEUE: usize = 1024;
+
+/// Settings for the media plane.
+#[derive(Clone, Debug)]
+pub struct SfuConfig {
+    /// Where the media socket binds, for example `127.0.0.1:7601`.
+    pub bind: SocketAddr,
+    /// The address put in ICE candidates; the bound address when `None`. Set it when the node
+    /// is behind NAT and peers must reach it at another address.
+    pub advertise_ip: Option<IpAddr>,
+}
+
+/// A running media plane: the UDP socket task and the rooms opened on it.
+#[derive(Clone)]
+pub struct Sfu {
+    inner: Arc<SfuInner>,
+}
+
+struct SfuInner {
+    socket: Arc<UdpSocket>,
+    /// The candidate address peers are told to send media to.
+    advertised: SocketAddr,
+    /// Control channel of the socket task: rooms register and drop their peer connections.
+    demux: mpsc::UnboundedSender<demux::DemuxControl>,
+    next_pc: AtomicU64,
+}
+
+impl Sfu {
+    /// Binds the media socket and starts the task that reads it.
+    pub async fn start(config: SfuConfig) -> Result<Sfu, SfuError> {
+        let socket = UdpSocket::bind(config.bind).await.map_err(SfuError::Bind)?;
+        let bound = socket.local_addr().map_err(SfuError::Bind)?;
+        let advertised = SocketAddr::new(config.advertise_ip.unwrap_or(bound.ip()), bound.port());
+
+        let socket = Arc::new(socket);
+        let (demux_tx, demux_rx) = mpsc::unbounded_channel();
+        tokio::spawn(socket::run(socket.clone(), demux_rx));
+
+        tracing::debug!(%bound, "media socket bound");
+        let inner = SfuInner {
+            socket,
+            advertised,
+            demux: demux_tx,
+            next_pc: AtomicU64::new(1),
+        };
+        Ok(Sfu {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The local address of the media socket (useful when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // The socket was bound in `start`; asking again cannot fail on Linux, but fall back to
+        // the advertised address rather than panicking.
+        self.inner
+            .socket
+            .local_addr()
+            .unwrap_or(self.inner.advertised)
+    }
+
+    /// Opens a room. Events about the room arrive on the returned receiver; dropping every
+    /// [`RoomHandle`] closes the room and its peer connections.
+    pub fn open_room(&self, session: SessionId) -> (RoomHandle, mpsc::Receiver<RoomEvent>) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(ROOM_COMMAND_QUEUE);
+        let (event_tx, event_rx) = mpsc::channel(ROOM_EVENT_QUEUE);
+        let ctx = room::RoomContext {
+            session: session.clone(),
+            socket: self.inner.socket.clone(),
+            advertised: self.inner.advertised,
+            demux: self.inner.demux.clone(),
+            next_pc: self.inner.clone(),
+        };
+        tokio::spawn(room::run(ctx, cmd_rx, event_tx));
+        (
+            RoomHandle {
+                session,
+                tx: cmd_tx,
+            },
+            event_rx,
+        )
+    }
+}
+
+impl room::PcIds for SfuInner {
+    fn next_pc_id(&self) -> demux::PcId {
+        demux::PcId(self.next_pc.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Which of a participant's two peer connections a message is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PcSide {
+    /// What the participant sends; the browser offers.
+    Publish,
+    /// What the participant receives; the server offers.
+    Subscribe,
+}
+
+/// Audio or video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TrackKind {
+    Audio,
+    Video,
+}
+
+impl TrackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackKind::Audio => "audio",
+            TrackKind::Video => "video",
+        }
+    }
+}
+
+/// One m-line of a subscriber's receiving connection and whose media it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackInfo {
+    pub mid: String,
+    pub participant: ParticipantId,
+    pub kind: TrackKind,
+    /// False once the publisher left; the m-line stays in the SDP, inactive.
+    pub active: bool,
+}
+
+/// What a room tells the rest of Haven.
+#[derive(Debug)]
+pub enum RoomEvent {
+    /// A new offer for a participant's receiving connection; signaling relays it and returns
+    /// the answer with [`RoomHandle::subscribe_answer`].
+    SubscribeOffer {
+        participant: ParticipantId,
+        negotiation: u64,
+        sdp: String,
+        tracks: Vec<TrackInfo>,
+    },
+    /// The participant's media started flowing, for the first time or again after a stop.
+    MediaStarted {
+        participant: ParticipantId,
+        at: SystemTime,
+    },
+    /// The participant's media stopped. `last_packet_at` is when the last packet arrived,
+    /// which is earlier than when the stop was noticed.
+    MediaStopped {
+        participant: ParticipantId,
+        last_packet_at: SystemTime,
+    },
+}
+
+/// Commands to a room. Each reply arrives on its own oneshot channel.
+#[derive(Debug)]
+pub(crate) enum RoomCommand {
+    AddParticipant {
+        id: ParticipantId,
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
+    PublishOffer {
+        id: ParticipantId,
+        sdp: String,
+        reply: oneshot::Sender<Result<String, SfuError>>,
+    },
+    SubscribeAnswer {
+        id: ParticipantId,
+        negotiation: u64,
+        sdp: String,
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
+    RemoteCandidate {
+        id: ParticipantId,
+        side: PcSide,
+        candidate: String,
+    },
+    RemoveParticipant {
+        id: ParticipantId,
+    },
+    Stats {
+        reply: oneshot::Sender<RoomStats>,
+    },
+}
+
+/// Counters of one room, for tests, benchmarks and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomStats {
+    pub participants: usize,
+    pub packets_in: u64,
+    pub packets_forwarded: u64,
+    pub keyframe_requests_sent: u64,
+}
+
+/// The way into one room's task.
+#[derive(Clone, Debug)]
+pub struct RoomHandle {
+    session: SessionId,
+    tx: mpsc::Sender<RoomCommand>,
+}
+
+impl RoomHandle {
+    pub fn session(&self) -> &SessionId {
+        &self.session
+    }
+
+    /// Adds a participant (once admitted) and gives them a receiving connection. Their first
+    /// `SubscribeOffer` follows as soon as there is something to receive.
+    pub async fn add_participant(&self, id: ParticipantId) -> Result<(), SfuError> {
+        self.ask(|reply| RoomCommand::AddParticipant { id, reply })
+            .await?
+    }
+
+    /// Applies the participant's offer for their publishing connection and returns the answer.
+    pub async fn publish_offer(&self, id: ParticipantId, sdp: String) -> Result<String, SfuError> {
+        self.ask(|reply| RoomCommand::PublishOffer { id, sdp, reply })
+            .await?
+    }
+
+    /// Applies the participant's answer to the offer numbered `negotiation`.
+    pub async fn subscribe_answer(
+        &self,
+        id: ParticipantId,
+        negotiation: u64,
+        sdp: String,
+    ) -> Result<(), SfuError> {
+        self.ask(|reply| RoomCommand::SubscribeAnswer {
+            id,
+            negotiation,
+            sdp,
+            reply,
+        })
+        .await?
+    }
+
+    /// Adds a trickled remote candidate. Haven is ICE-lite and learns addresses from the
+    /// connectivity checks, so a candidate that cannot be parsed is ignored.
+    pub async fn remote_candidate(&self, id: ParticipantId, side: PcSide, candidate: String) {
+        let _ = self
+            .tx
+            .send(RoomCommand::RemoteCandidate {
+                id,
+                side,
+                candidate,
+            })
+            .await;
+    }
+
+    /// Removes a participant: closes both connections and stops forwarding their tracks.
+    pub async fn remove_participant(&self, id: ParticipantId) {
+        let _ = self.tx.send(RoomCommand::RemoveParticipant { id }).await;
+    }
+
+    pub async fn stats(&self) -> Result<RoomStats, SfuError> {
+        self.ask(|reply| RoomCommand::Stats { reply }).await
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> RoomCommand,
+    ) -> Result<T, SfuError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| SfuError::RoomClosed)?;
+        rx.await.map_err(|_| SfuError::RoomClosed)
+    }
+}

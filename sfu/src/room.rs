@@ -1,0 +1,766 @@
+//! One room: its task, its participants and the forwarding between them.
+//!
+//! The task owns every str0m `Rtc` of the room. Inputs are commands from signaling,
+//! datagrams from the socket task and timers; after each input [`Room::drive`] polls every
+//! connection until it has nothing more to say, acting on the events as they come out.
+//! Forwarding a packet writes it into the subscribers' connections, which then have output
+//! of their own, so `drive` repeats until a whole pass produces no event.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use haven_ids::{ParticipantId, SessionId};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::activity::{MediaActivity, Transition};
+use crate::demux::{Datagram, DemuxControl, PcId};
+use crate::forward::Forwarder;
+use crate::keyframe::{is_vp8_keyframe_start, KeyframeThrottle};
+use crate::{PcSide, RoomCommand, RoomEvent, RoomStats, SfuError, TrackInfo, TrackKind};
+
+/// Rooms hold at most this many people (the design's group size).
+pub const MAX_PARTICIPANTS: usize = 16;
+
+/// How many datagrams may wait for the room task before the socket task drops them.
+const DATAGRAM_QUEUE: usize = 4096;
+
+/// How often the room looks for subscriptions still waiting for a keyframe.
+const KEYFRAME_RETRY: Duration = Duration::from_millis(250);
+
+/// The longest the task sleeps; str0m asks for shorter timeouts whenever it needs them.
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+
+pub(crate) trait PcIds: Send + Sync {
+    fn next_pc_id(&self) -> PcId;
+}
+
+pub(crate) struct RoomContext {
+    pub session: SessionId,
+    pub socket: Arc<UdpSocket>,
+    pub advertised: SocketAddr,
+    pub demux: mpsc::UnboundedSender<DemuxControl>,
+    pub next_pc: Arc<dyn PcIds>,
+}
+
+pub(crate) async fn run(
+    ctx: RoomContext,
+    mut commands: mpsc::Receiver<RoomCommand>,
+    events: mpsc::Sender<RoomEvent>,
+) {
+    let (dgram_tx, mut dgram_rx) = mpsc::channel(DATAGRAM_QUEUE);
+    let mut room = Room::new(ctx, events, dgram_tx);
+    tracing::debug!(session_id = %room.ctx.session, "room task started");
+
+    loop {
+        let deadline = room.next_deadline(Instant::now());
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => room.handle_command(cmd, Instant::now()),
+                None => break,
+            },
+            Some(d) = dgram_rx.recv() => {
+                room.handle_datagram(d);
+                // Take what else has arrived before polling, so a burst costs one drive.
+                for _ in 0..64 {
+                    match dgram_rx.try_recv() {
+                        Ok(d) => room.handle_datagram(d),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => room.handle_timeouts(Instant::now()),
+        }
+        room.drive(Instant::now());
+    }
+
+    room.close();
+    tracing::debug!(session_id = %room.ctx.session, "room task stopped");
+}
+
+/// A connection to one browser: the str0m state machine and when it next wants time.
+struct Peer {
+    pc: PcId,
+    rtc: Rtc,
+    next_timeout: Instant,
+}
+
+/// A track a participant publishes, identified by its mid on their publishing connection.
+#[derive(Debug)]
+struct PublishedTrack {
+    mid: Mid,
+    kind: TrackKind,
+    keyframes: KeyframeThrottle,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TrackRef {
+    publisher: ParticipantId,
+    mid: Mid,
+    kind: TrackKind,
+}
+
+/// A track forwarded to a participant, on an m-line of their receiving connection.
+struct Subscription {
+    mid: Mid,
+    source: TrackRef,
+    forwarder: Forwarder,
+    active: bool,
+}
+
+struct Participant {
+    id: ParticipantId,
+    publish: Peer,
+    subscribe: Peer,
+    tracks: Vec<PublishedTrack>,
+    subs: Vec<Subscription>,
+    /// Changes to the receiving connection waiting for the next offer.
+    pending_adds: Vec<TrackRef>,
+    pending_removals: Vec<Mid>,
+    negotiation: u64,
+    pending_offer: Option<(u64, SdpPendingOffer)>,
+    activity: MediaActivity,
+}
+
+impl Participant {
+    fn peer(&mut self, side: PcSide) -> &mut Peer {
+        match side {
+            PcSide::Publish => &mut self.publish,
+            PcSide::Subscribe => &mut self.subscribe,
+        }
+    }
+}
+
+/// Maps `Instant`s (what str0m and timers use) to wall-clock time (what the ledger needs).
+struct Clock {
+    instant: Instant,
+    system: SystemTime,
+}
+
+impl Clock {
+    fn system(&self, at: Instant) -> SystemTime {
+        match at.checked_duration_since(self.instant) {
+            Some(d) => self.system + d,
+            None => self.system - self.instant.duration_since(at),
+        }
+    }
+}
+
+struct Room {
+    ctx: RoomContext,
+    events: mpsc::Sender<RoomEvent>,
+    datagrams: mpsc::Sender<Datagram>,
+    participants: Vec<Participant>,
+    clock: Clock,
+    stats: RoomStats,
+    next_keyframe_check: Instant,
+}
+
+/// What an event asks the room to do once the connection that raised it is released.
+enum Work {
+    Event(usize, PcSide, Event),
+}
+
+impl Room {
+    fn new(
+        ctx: RoomContext,
+        events: mpsc::Sender<RoomEvent>,
+        datagrams: mpsc::Sender<Datagram>,
+    ) -> Self {
+        let now = Instant::now();
+        Room {
+            ctx,
+            events,
+            datagrams,
+            participants: Vec::new(),
+            clock: Clock {
+                instant: now,
+                system: SystemTime::now(),
+            },
+            stats: RoomStats::default(),
+            next_keyframe_check: now,
+        }
+    }
+
+    fn index(&self, id: &ParticipantId) -> Option<usize> {
+        self.participants.iter().position(|p| &p.id == id)
+    }
+
+    fn emit(&self, event: RoomEvent) {
+        // The room never waits on signaling; a full queue means signaling has stalled, which
+        // is a fault worth a warning, not a reason to stop forwarding media.
+        if let Err(e) = self.events.try_send(event) {
+            tracing::warn!(session_id = %self.ctx.session, error = %e, "room event dropped");
+        }
+    }
+
+    fn new_peer(&self, now: Instant) -> Result<Peer, SfuError> {
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(now);
+        let candidate = Candidate::host(self.ctx.advertised, "udp")
+            .map_err(|e| SfuError::BadSdp(format!("local candidate: {e}")))?;
+        rtc.add_local_candidate(candidate);
+
+        // Register before any SDP carrying this ufrag leaves the server (see `socket`).
+        let pc = self.ctx.next_pc.next_pc_id();
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let room = self.datagrams.clone();
+        let _ = self
+            .ctx
+            .demux
+            .send(DemuxControl::Register { ufrag, pc, room });
+        Ok(Peer {
+            pc,
+            rtc,
+            next_timeout: now,
+        })
+    }
+
+    // ---- commands -------------------------------------------------------------------------
+
+    fn handle_command(&mut self, cmd: RoomCommand, now: Instant) {
+        match cmd {
+            RoomCommand::AddParticipant { id, reply } => {
+                let _ = reply.send(self.add_participant(id, now));
+            }
+            RoomCommand::PublishOffer { id, sdp, reply } => {
+                let _ = reply.send(self.publish_offer(&id, &sdp));
+            }
+            RoomCommand::SubscribeAnswer {
+                id,
+                negotiation,
+                sdp,
+                reply,
+            } => {
+                let _ = reply.send(self.subscribe_answer(&id, negotiation, &sdp, now));
+            }
+            RoomCommand::RemoteCandidate {
+                id,
+                side,
+                candidate,
+            } => {
+                self.remote_candidate(&id, side, &candidate);
+            }
+            RoomCommand::RemoveParticipant { id } => self.remove_participant(&id),
+            RoomCommand::Stats { reply } => {
+                let mut stats = self.stats.clone();
+                stats.participants = self.participants.len();
+                let _ = reply.send(stats);
+            }
+        }
+    }
+
+    fn add_participant(&mut self, id: ParticipantId, now: Instant) -> Result<(), SfuError> {
+        if self.index(&id).is_some() {
+            return Err(SfuError::AlreadyPresent);
+        }
+        if self.participants.len() >= MAX_PARTICIPANTS {
+            return Err(SfuError::RoomFull(MAX_PARTICIPANTS));
+        }
+
+        // Everything already published in the room goes into the first offer.
+        let pending_adds = self
+            .participants
+            .iter()
+            .flat_map(|p| {
+                p.tracks.iter().map(|t| TrackRef {
+                    publisher: p.id.clone(),
+                    mid: t.mid,
+                    kind: t.kind,
+                })
+            })
+            .collect();
+
+        let participant = Participant {
+            id,
+            publish: self.new_peer(now)?,
+            subscribe: self.new_peer(now)?,
+            tracks: Vec::new(),
+            subs: Vec::new(),
+            pending_adds,
+            pending_removals: Vec::new(),
+            negotiation: 0,
+            pending_offer: None,
+            activity: MediaActivity::default(),
+        };
+        tracing::debug!(session_id = %self.ctx.session, participant_id = %participant.id, "participant added to room");
+        self.participants.push(participant);
+        self.maybe_offer(self.participants.len() - 1);
+        Ok(())
+    }
+
+    fn publish_offer(&mut self, id: &ParticipantId, sdp: &str) -> Result<String, SfuError> {
+        let i = self.index(id).ok_or(SfuError::UnknownParticipant)?;
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let answer = self.participants[i]
+            .publish
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        Ok(answer.to_sdp_string())
+    }
+
+    fn subscribe_answer(
+        &mut self,
+        id: &ParticipantId,
+        negotiation: u64,
+        sdp: &str,
+        now: Instant,
+    ) -> Result<(), SfuError> {
+        let i = self.index(id).ok_or(SfuError::UnknownParticipant)?;
+        let p = &mut self.participants[i];
+        let pending_no = p.pending_offer.as_ref().map(|(n, _)| *n);
+        if pending_no != Some(negotiation) {
+            return Err(SfuError::StaleAnswer {
+                got: negotiation,
+                pending: pending_no,
+            });
+        }
+        let answer =
+            SdpAnswer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let Some((_, pending)) = p.pending_offer.take() else {
+            return Err(SfuError::StaleAnswer {
+                got: negotiation,
+                pending: None,
+            });
+        };
+        p.subscribe
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+
+        // New video subscriptions can only start at a keyframe: ask now rather than at the
+        // next retry tick.
+        self.request_waiting_keyframes(now);
+        self.maybe_offer(i);
+        Ok(())
+    }
+
+    fn remote_candidate(&mut self, id: &ParticipantId, side: PcSide, candidate: &str) {
+        let Some(i) = self.index(id) else { return };
+        let line = candidate.trim().trim_start_matches("a=");
+        if line.is_empty() {
+            return;
+        }
+        match Candidate::from_sdp_string(line) {
+            Ok(c) => self.participants[i].peer(side).rtc.add_remote_candidate(c),
+            Err(e) => tracing::debug!(participant_id = %id, error = %e, "remote candidate ignored"),
+        }
+    }
+
+    fn remove_participant(&mut self, id: &ParticipantId) {
+        let Some(i) = self.index(id) else { return };
+        let mut gone = self.participants.remove(i);
+        gone.publish.rtc.disconnect();
+        gone.subscribe.rtc.disconnect();
+        let _ = self.ctx.demux.send(DemuxControl::Unregister {
+            pc: gone.publish.pc,
+        });
+        let _ = self.ctx.demux.send(DemuxControl::Unregister {
+            pc: gone.subscribe.pc,
+        });
+
+        // Everyone else stops receiving the tracks; their m-lines turn inactive.
+        for j in 0..self.participants.len() {
+            let p = &mut self.participants[j];
+            p.pending_adds.retain(|t| &t.publisher != id);
+            for sub in p
+                .subs
+                .iter_mut()
+                .filter(|s| &s.source.publisher == id && s.active)
+            {
+                sub.active = false;
+                p.pending_removals.push(sub.mid);
+            }
+            self.maybe_offer(j);
+        }
+        tracing::debug!(session_id = %self.ctx.session, participant_id = %id, "participant removed from room");
+    }
+
+    /// Sends a new offer to participant `i` if their receiving connection has changes waiting
+    /// and no offer is outstanding (one negotiation at a time keeps both sides in step).
+    fn maybe_offer(&mut self, i: usize) {
+        let p = &mut self.participants[i];
+        if p.pending_offer.is_some() || (p.pending_adds.is_empty() && p.pending_removals.is_empty())
+        {
+            return;
+        }
+
+        let mut api = p.subscribe.rtc.sdp_api();
+        for track in p.pending_adds.drain(..) {
+            let kind = match track.kind {
+                TrackKind::Audio => MediaKind::Audio,
+                TrackKind::Video => MediaKind::Video,
+            };
+            let stream_id = msid_token(track.publisher.as_str());
+            let track_id = format!("{stream_id}-{}", track.kind.as_str());
+            let mid = api.add_media(
+                kind,
+                Direction::SendOnly,
+                Some(stream_id),
+                Some(track_id),
+                None,
+            );
+            p.subs.push(Subscription {
+                mid,
+                forwarder: Forwarder::new(track.kind),
+                source: track,
+                active: true,
+            });
+        }
+        for mid in p.pending_removals.drain(..) {
+            api.set_direction(mid, Direction::Inactive);
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+
+        p.negotiation += 1;
+        p.pending_offer = Some((p.negotiation, pending));
+        let tracks = p
+            .subs
+            .iter()
+            .map(|s| TrackInfo {
+                mid: s.mid.to_string(),
+                participant: s.source.publisher.clone(),
+                kind: s.source.kind,
+                active: s.active,
+            })
+            .collect();
+        let event = RoomEvent::SubscribeOffer {
+            participant: p.id.clone(),
+            negotiation: p.negotiation,
+            sdp: offer.to_sdp_string(),
+            tracks,
+        };
+        self.emit(event);
+    }
+
+    // ---- network and time -----------------------------------------------------------------
+
+    fn handle_datagram(&mut self, d: Datagram) {
+        let found = self.participants.iter_mut().find_map(|p| {
+            if p.publish.pc == d.pc {
+                Some(&mut p.publish)
+            } else if p.subscribe.pc == d.pc {
+                Some(&mut p.subscribe)
+            } else {
+                None
+            }
+        });
+        let Some(peer) = found else { return };
+
+        let Ok(receive) = Receive::new(Protocol::Udp, d.source, self.ctx.advertised, &d.data)
+        else {
+            return;
+        };
+        if let Err(e) = peer.rtc.handle_input(Input::Receive(d.at, receive)) {
+            tracing::debug!(error = %e, "datagram rejected by peer connection");
+        }
+    }
+
+    fn handle_timeouts(&mut self, now: Instant) {
+        for p in &mut self.participants {
+            for peer in [&mut p.publish, &mut p.subscribe] {
+                if peer.next_timeout <= now {
+                    if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                        tracing::debug!(error = %e, "peer connection timeout failed");
+                    }
+                }
+            }
+        }
+
+        let mut stopped = Vec::new();
+        for p in &mut self.participants {
+            if let Some(Transition::Stopped { last_packet }) = p.activity.poll(now) {
+                stopped.push((p.id.clone(), last_packet));
+            }
+        }
+        for (participant, last) in stopped {
+            tracing::debug!(session_id = %self.ctx.session, participant_id = %participant, "media stopped");
+            self.emit(RoomEvent::MediaStopped {
+                participant,
+                last_packet_at: self.clock.system(last),
+            });
+        }
+
+        if now >= self.next_keyframe_check {
+            self.next_keyframe_check = now + KEYFRAME_RETRY;
+            self.request_waiting_keyframes(now);
+        }
+    }
+
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let mut deadline = now + MAX_SLEEP;
+        for p in &self.participants {
+            deadline = deadline
+                .min(p.publish.next_timeout)
+                .min(p.subscribe.next_timeout);
+            if let Some(d) = p.activity.deadline() {
+                deadline = deadline.min(d);
+            }
+        }
+        if self
+            .participants
+            .iter()
+            .any(|p| p.subs.iter().any(|s| s.forwarder.is_waiting_for_keyframe()))
+        {
+            deadline = deadline.min(self.next_keyframe_check);
+        }
+        deadline.max(now)
+    }
+
+    /// Polls every connection until none has output left, handling events as they appear.
+    fn drive(&mut self, now: Instant) {
+        // Bounded: each pass only repeats if the previous one produced events, and forwarding
+        // cannot produce events without new input. The bound guards against a library bug.
+        for _ in 0..16 {
+            let mut work = Vec::new();
+            for (i, p) in self.participants.iter_mut().enumerate() {
+                for side in [PcSide::Publish, PcSide::Subscribe] {
+                    let peer = p.peer(side);
+                    poll_peer(peer, &self.ctx.socket, now, |e| {
+                        work.push(Work::Event(i, side, e))
+                    });
+                }
+            }
+            if work.is_empty() {
+                return;
+            }
+            for Work::Event(i, side, e) in work {
+                self.handle_event(i, side, e, now);
+            }
+        }
+    }
+
+    fn handle_event(&mut self, i: usize, side: PcSide, event: Event, now: Instant) {
+        match (side, event) {
+            (PcSide::Publish, Event::MediaAdded(m)) => self.track_published(i, m.mid, m.kind),
+            (PcSide::Publish, Event::RtpPacket(pkt)) => self.forward(i, pkt, now),
+            (PcSide::Subscribe, Event::KeyframeRequest(req)) => {
+                let p = &self.participants[i];
+                if let Some(sub) = p.subs.iter().find(|s| s.mid == req.mid) {
+                    let source = sub.source.clone();
+                    self.request_keyframe(&source, now);
+                }
+            }
+            (_, Event::IceConnectionStateChange(state)) => {
+                let p = &self.participants[i];
+                tracing::debug!(session_id = %self.ctx.session, participant_id = %p.id, ?side, ?state, "ice state changed");
+            }
+            _ => {}
+        }
+    }
+
+    fn track_published(&mut self, i: usize, mid: Mid, kind: MediaKind) {
+        let kind = match kind {
+            MediaKind::Audio => TrackKind::Audio,
+            MediaKind::Video => TrackKind::Video,
+        };
+        let publisher = self.participants[i].id.clone();
+        if self.participants[i].tracks.iter().any(|t| t.mid == mid) {
+            return;
+        }
+        self.participants[i].tracks.push(PublishedTrack {
+            mid,
+            kind,
+            keyframes: KeyframeThrottle::default(),
+        });
+        tracing::debug!(session_id = %self.ctx.session, participant_id = %publisher, kind = kind.as_str(), "track published");
+
+        for j in 0..self.participants.len() {
+            if j != i {
+                let track = TrackRef {
+                    publisher: publisher.clone(),
+                    mid,
+                    kind,
+                };
+                self.participants[j].pending_adds.push(track);
+                self.maybe_offer(j);
+            }
+        }
+    }
+
+    fn forward(&mut self, i: usize, pkt: RtpPacket, now: Instant) {
+        self.stats.packets_in += 1;
+        let publisher = &mut self.participants[i];
+
+        if let Some(Transition::Started(at)) = publisher.activity.on_packet(pkt.timestamp) {
+            let event = RoomEvent::MediaStarted {
+                participant: publisher.id.clone(),
+                at: self.clock.system(at),
+            };
+            tracing::debug!(session_id = %self.ctx.session, participant_id = %publisher.id, "media started");
+            self.emit(event);
+        }
+        let publisher = &mut self.participants[i];
+
+        let Some(mid) = publisher
+            .publish
+            .rtc
+            .direct_api()
+            .stream_rx(&pkt.header.ssrc)
+            .map(|s| s.mid())
+        else {
+            return;
+        };
+        let Some(codec) = codec_of(&publisher.publish.rtc, pkt.header.payload_type) else {
+            return;
+        };
+        let is_keyframe = codec == Codec::Vp8 && is_vp8_keyframe_start(&pkt.payload);
+        let publisher_id = publisher.id.clone();
+
+        let mut exts = ExtensionValues::default();
+        exts.audio_level = pkt.header.ext_vals.audio_level;
+        exts.voice_activity = pkt.header.ext_vals.voice_activity;
+        exts.video_orientation = pkt.header.ext_vals.video_orientation;
+
+        let mut forwarded = 0;
+        for (j, p) in self.participants.iter_mut().enumerate() {
+            if j == i {
+                continue;
+            }
+            let Some(sub) = p
+                .subs
+                .iter_mut()
+                .find(|s| s.active && s.source.mid == mid && s.source.publisher == publisher_id)
+            else {
+                continue;
+            };
+            let Some(pt) = pt_for(&p.subscribe.rtc, codec) else {
+                continue;
+            };
+            let mut api = p.subscribe.rtc.direct_api();
+            // The stream exists once the subscriber has answered; until then drop quietly.
+            let Some(tx) = api.stream_tx_by_mid(sub.mid, None) else {
+                continue;
+            };
+            let Some(seq) = sub.forwarder.accept(*pkt.seq_no, is_keyframe) else {
+                continue;
+            };
+
+            let write = RtpWrite::new(
+                pt,
+                seq.into(),
+                pkt.header.timestamp,
+                pkt.timestamp,
+                pkt.payload.clone(),
+            )
+            .marker(pkt.header.marker)
+            .ext_vals(exts.clone())
+            .nackable(sub.source.kind == TrackKind::Video);
+            tx.write_rtp(write);
+            forwarded += 1;
+        }
+        self.stats.packets_forwarded += forwarded;
+        let _ = now;
+    }
+
+    fn request_waiting_keyframes(&mut self, now: Instant) {
+        let mut wanted: Vec<TrackRef> = Vec::new();
+        for p in &mut self.participants {
+            let mut api = p.subscribe.rtc.direct_api();
+            for sub in &p.subs {
+                let ready = api.stream_tx_by_mid(sub.mid, None).is_some();
+                if sub.active
+                    && ready
+                    && sub.forwarder.is_waiting_for_keyframe()
+                    && !wanted.contains(&sub.source)
+                {
+                    wanted.push(sub.source.clone());
+                }
+            }
+        }
+        for track in wanted {
+            self.request_keyframe(&track, now);
+        }
+    }
+
+    /// Asks the publisher of `track` for a keyframe, at most once per throttle interval
+    /// however many subscribers want one.
+    fn request_keyframe(&mut self, track: &TrackRef, now: Instant) {
+        let Some(i) = self.index(&track.publisher) else {
+            return;
+        };
+        let p = &mut self.participants[i];
+        let Some(t) = p.tracks.iter_mut().find(|t| t.mid == track.mid) else {
+            return;
+        };
+        if t.kind != TrackKind::Video || !t.keyframes.try_request(now) {
+            return;
+        }
+        if let Some(rx) = p.publish.rtc.direct_api().stream_rx_by_mid(track.mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.stats.keyframe_requests_sent += 1;
+        }
+    }
+
+    fn close(&mut self) {
+        let ids: HashSet<ParticipantId> = self.participants.iter().map(|p| p.id.clone()).collect();
+        for id in ids {
+            self.remove_participant(&id);
+        }
+    }
+}
+
+/// Drains a connection's output: datagrams go to the socket, events to `on_event`.
+fn poll_peer(peer: &mut Peer, socket: &UdpSocket, now: Instant, mut on_event: impl FnMut(Event)) {
+    // str0m guarantees a Timeout output eventually; the bound protects the room task
+    // from a connection that would otherwise monopolise it.
+    for _ in 0..10_000 {
+        match peer.rtc.poll_output() {
+            Ok(Output::Transmit(t)) => {
+                // Never wait on the socket: a full send buffer loses the datagram like the
+                // network would, and congestion control reacts to the loss.
+                let _ = socket.try_send_to(&t.contents, t.destination);
+            }
+            Ok(Output::Timeout(t)) => {
+                peer.next_timeout = t;
+                return;
+            }
+            Ok(Output::Event(e)) => on_event(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "peer connection failed");
+                peer.next_timeout = now + MAX_SLEEP;
+                return;
+            }
+        }
+    }
+    peer.next_timeout = now;
+}
+
+fn codec_of(rtc: &Rtc, pt: str0m::media::Pt) -> Option<Codec> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.pt() == pt)
+        .map(|p| p.spec().codec)
+}
+
+fn pt_for(rtc: &Rtc, codec: Codec) -> Option<str0m::media::Pt> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .find(|p| p.spec().codec == codec)
+        .map(|p| p.pt())
+}
+
+/// A participant id as an msid token (RFC 8830 token characters only).
+fn msid_token(id: &str) -> String {
+    id.chars().map(|c| if c == ':' { '-' } else { c }).collect()
+}

@@ -1,0 +1,319 @@
+//! One WebSocket connection: the join handshake, then relaying between the browser and its
+//! session.
+//!
+//! The connection task owns the socket. Messages from the session arrive on a bounded
+//! outbox; the task writes them out in order. Closing the socket, for whatever reason, ends
+//! the participant's stay.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use attendance::LeaveReason;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use haven_ids::{ConnId, ParticipantId};
+use sfu::PcSide;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::error::{ErrorCode, SignalError};
+use crate::protocol::{ClientMsg, PcName, ServerMsg};
+use crate::session::{SessionCmd, SessionHandle};
+use crate::ServerState;
+
+/// The first message must arrive within this time.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages waiting for a slow browser; past this, the session drops messages for it.
+const OUTBOX: usize = 256;
+
+/// Close codes (RFC 6455 section 7.4.1).
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_INTERNAL: u16 = 1011;
+
+pub async fn serve(socket: WebSocket, state: Arc<ServerState>) {
+    let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
+    let span = tracing::debug_span!("conn", conn_id = %conn, session_id = tracing::field::Empty, participant_id = tracing::field::Empty);
+    Conn {
+        socket,
+        state,
+        conn,
+    }
+    .run()
+    .instrument(span)
+    .await
+}
+
+struct Conn {
+    socket: WebSocket,
+    state: Arc<ServerState>,
+    conn: ConnId,
+}
+
+/// Where a connection stands once joined.
+struct Joined {
+    who: ParticipantId,
+    session: SessionHandle,
+    outbox_rx: mpsc::Receiver<ServerMsg>,
+}
+
+impl Conn {
+    async fn run(mut self) {
+        let joined = match self.handshake().await {
+            Ok(Some(j)) => j,
+            Ok(None) => return,
+            Err(e) => {
+                self.fail(&e).await;
+                return;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("participant_id", tracing::field::display(&joined.who));
+
+        let Joined {
+            who,
+            session,
+            mut outbox_rx,
+        } = joined;
+        let reason = self.relay(&who, &session, &mut outbox_rx).await;
+        session
+            .send(SessionCmd::Leave {
+                who,
+                conn: self.conn,
+                reason,
+            })
+            .await;
+    }
+
+    /// Waits for `join`, verifies the token and hands the connection to its session.
+    async fn handshake(&mut self) -> Result<Option<Joined>, SignalError> {
+        let first = match tokio::time::timeout(JOIN_TIMEOUT, self.socket.recv()).await {
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return Ok(None),
+            Ok(Some(Ok(_))) => {
+                return Err(SignalError::new(
+                    ErrorCode::JoinRequired,
+                    "Send a join message first.",
+                ))
+            }
+            Err(_) => {
+                return Err(SignalError::new(
+                    ErrorCode::JoinRequired,
+                    "No join message arrived in time.",
+                ))
+            }
+        };
+        let token = match ClientMsg::parse(&first) {
+            Ok(ClientMsg::Join { token }) => token,
+            Ok(_) => {
+                return Err(SignalError::new(
+                    ErrorCode::JoinRequired,
+                    "Send a join message first.",
+                ))
+            }
+            Err(e) if e.code == ErrorCode::BadMessage => {
+                return Err(SignalError::new(
+                    ErrorCode::JoinRequired,
+                    "The first message must be a join message.",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+
+        let grant = self
+            .state
+            .tokens
+            .verify(&token, OffsetDateTime::now_utc())?;
+        tracing::Span::current().record("session_id", tracing::field::display(&grant.session));
+
+        // A session whose actor closed between lookup and send is opened again: try twice.
+        for _ in 0..2 {
+            let session = self
+                .state
+                .router
+                .session(&grant)
+                .await
+                .ok_or_else(|| SignalError::internal(&"router stopped"))?;
+            let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+            let (reply, rx) = oneshot::channel();
+            let cmd = SessionCmd::Join {
+                grant: grant.clone(),
+                conn: self.conn,
+                outbox,
+                reply,
+            };
+            if !session.send(cmd).await {
+                continue;
+            }
+            match rx.await {
+                Ok(Ok(())) => {
+                    return Ok(Some(Joined {
+                        who: grant.participant.clone(),
+                        session,
+                        outbox_rx,
+                    }))
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => continue,
+            }
+        }
+        Err(SignalError::internal(&"session closed during join"))
+    }
+
+    /// Relays until the stay ends; returns why it ended.
+    async fn relay(
+        &mut self,
+        who: &ParticipantId,
+        session: &SessionHandle,
+        outbox: &mut mpsc::Receiver<ServerMsg>,
+    ) -> LeaveReason {
+        loop {
+            tokio::select! {
+                out = outbox.recv() => {
+                    let Some(msg) = out else { return LeaveReason::ConnectionLost };
+                    let ends = matches!(msg, ServerMsg::Left { .. });
+                    if self.send(&msg).await.is_err() {
+                        return LeaveReason::ConnectionLost;
+                    }
+                    if ends {
+                        self.close(CLOSE_NORMAL, "left").await;
+                        return LeaveReason::ConnectionLost;
+                    }
+                }
+                incoming = self.socket.recv() => {
+                    let text = match incoming {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return LeaveReason::ConnectionLost,
+                        Some(Ok(_)) => continue,
+                    };
+                    match ClientMsg::parse(&text) {
+                        Ok(ClientMsg::Leave) => {
+                            let _ = self.send(&ServerMsg::Left { reason: LeaveReason::Left.as_str() }).await;
+                            self.close(CLOSE_NORMAL, "left").await;
+                            return LeaveReason::Left;
+                        }
+                        Ok(msg) => {
+                            if let Err(e) = self.dispatch(who, session, msg).await {
+                                if self.send(&ServerMsg::from(&e)).await.is_err() || e.code.closes_socket() {
+                                    self.close(CLOSE_INTERNAL, e.code.as_str()).await;
+                                    return LeaveReason::ConnectionLost;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            if self.send(&ServerMsg::from(&e)).await.is_err() {
+                                return LeaveReason::ConnectionLost;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dispatch(
+        &mut self,
+        who: &ParticipantId,
+        session: &SessionHandle,
+        msg: ClientMsg,
+    ) -> Result<(), SignalError> {
+        let conn = self.conn;
+        let closed = || SignalError::internal(&"session closed");
+        match msg {
+            ClientMsg::Join { .. } => Err(SignalError::new(
+                ErrorCode::AlreadyJoined,
+                "This connection has already joined.",
+            )),
+            ClientMsg::Ping => self.send(&ServerMsg::Pong).await.map_err(|_| closed()),
+            ClientMsg::Leave => Ok(()),
+            ClientMsg::PublishOffer { sdp } => {
+                tracing::trace!(%sdp, "publish offer");
+                let (reply, rx) = oneshot::channel();
+                if !session
+                    .send(SessionCmd::PublishOffer {
+                        from: who.clone(),
+                        conn,
+                        sdp,
+                        reply,
+                    })
+                    .await
+                {
+                    return Err(closed());
+                }
+                let sdp = rx.await.map_err(|_| closed())??;
+                self.send(&ServerMsg::PublishAnswer { sdp })
+                    .await
+                    .map_err(|_| closed())
+            }
+            ClientMsg::SubscribeAnswer { negotiation, sdp } => {
+                let (reply, rx) = oneshot::channel();
+                let cmd = SessionCmd::SubscribeAnswer {
+                    from: who.clone(),
+                    conn,
+                    negotiation,
+                    sdp,
+                    reply,
+                };
+                if !session.send(cmd).await {
+                    return Err(closed());
+                }
+                rx.await.map_err(|_| closed())?
+            }
+            ClientMsg::Candidate { pc, candidate } => {
+                let side = match pc {
+                    PcName::Publish => PcSide::Publish,
+                    PcName::Subscribe => PcSide::Subscribe,
+                };
+                session
+                    .send(SessionCmd::Candidate {
+                        from: who.clone(),
+                        conn,
+                        side,
+                        candidate,
+                    })
+                    .await;
+                Ok(())
+            }
+            ClientMsg::Admit { participant_id } => {
+                let (reply, rx) = oneshot::channel();
+                let cmd = SessionCmd::Admit {
+                    by: who.clone(),
+                    conn,
+                    target: participant_id,
+                    reply,
+                };
+                if !session.send(cmd).await {
+                    return Err(closed());
+                }
+                rx.await.map_err(|_| closed())?
+            }
+        }
+    }
+
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), axum::Error> {
+        // Serializing our own message types cannot fail: no maps with non-string keys.
+        let text = serde_json::to_string(msg).unwrap_or_default();
+        self.socket.send(Message::Text(text.into())).await
+    }
+
+    async fn fail(&mut self, e: &SignalError) {
+        tracing::debug!(code = e.code.as_str(), "join refused");
+        let _ = self.send(&ServerMsg::from(e)).await;
+        let code = if e.code == ErrorCode::Internal {
+            CLOSE_INTERNAL
+        } else {
+            CLOSE_POLICY
+        };
+        self.close(code, e.code.as_str()).await;
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = self.socket.send(Message::Close(Some(frame))).await;
+    }
+}

@@ -1,0 +1,122 @@
+//! The one error type of the signaling server: a stable code and a sentence a person can act
+//! on. It becomes an `error` message on the WebSocket or a JSON body over HTTP.
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// A stable error code; the wire names are listed in `docs/protocol.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    JoinRequired,
+    TokenInvalid,
+    TokenExpired,
+    TooEarly,
+    SessionOver,
+    WrongAudience,
+    RoleNotAllowed,
+    AlreadyJoined,
+    NotAdmitted,
+    Forbidden,
+    UnknownParticipant,
+    BadMessage,
+    UnknownType,
+    NegotiationFailed,
+    StaleAnswer,
+    RoomFull,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::JoinRequired => "join_required",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TooEarly => "too_early",
+            ErrorCode::SessionOver => "session_over",
+            ErrorCode::WrongAudience => "wrong_audience",
+            ErrorCode::RoleNotAllowed => "role_not_allowed",
+            ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::NotAdmitted => "not_admitted",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::UnknownParticipant => "unknown_participant",
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::NegotiationFailed => "negotiation_failed",
+            ErrorCode::StaleAnswer => "stale_answer",
+            ErrorCode::RoomFull => "room_full",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Whether the server closes the socket after sending this error.
+    pub fn closes_socket(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::JoinRequired
+                | ErrorCode::TokenInvalid
+                | ErrorCode::TokenExpired
+                | ErrorCode::TooEarly
+                | ErrorCode::SessionOver
+                | ErrorCode::WrongAudience
+                | ErrorCode::RoleNotAllowed
+                | ErrorCode::RoomFull
+                | ErrorCode::Internal
+        )
+    }
+}
+
+/// An error for the person on the other end.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct SignalError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// For `too_early`: when the waiting room opens.
+    pub opens_at: Option<OffsetDateTime>,
+}
+
+impl SignalError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        SignalError {
+            code,
+            message: message.into(),
+            opens_at: None,
+        }
+    }
+
+    /// A fault on our side. The cause is logged once, here; the person sees a generic sentence.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        SignalError::new(
+            ErrorCode::Internal,
+            "Something went wrong on the server. Please try again in a minute.",
+        )
+    }
+}
+
+impl From<sfu::SfuError> for SignalError {
+    fn from(e: sfu::SfuError) -> Self {
+        use sfu::SfuError as E;
+        match e {
+            E::BadSdp(why) => SignalError::new(
+                ErrorCode::NegotiationFailed,
+                format!("The media description could not be used ({why})."),
+            ),
+            E::StaleAnswer { .. } => SignalError::new(
+                ErrorCode::StaleAnswer,
+                "That answer is for an offer that is no longer pending; answer the latest offer.",
+            ),
+            E::RoomFull(n) => SignalError::new(
+                ErrorCode::RoomFull,
+                format!("This session already has {n} people in it."),
+            ),
+            E::UnknownParticipant => {
+                SignalError::new(ErrorCode::NotAdmitted, "You are not in the session yet.")
+            }
+            other => SignalError::internal(&other),
+        }
+    }
+}

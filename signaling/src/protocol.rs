@@ -1,0 +1,184 @@
+//! The signaling messages, version 1. `docs/protocol.md` shows an example of each.
+
+use haven_ids::{ParticipantId, Role, SessionKind};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::SignalError;
+use crate::ErrorCode;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Which peer connection a candidate belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PcName {
+    Publish,
+    Subscribe,
+}
+
+/// A message from the browser.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Join { token: String },
+    PublishOffer { sdp: String },
+    SubscribeAnswer { negotiation: u64, sdp: String },
+    Candidate { pc: PcName, candidate: String },
+    Admit { participant_id: String },
+    Leave,
+    Ping,
+}
+
+const CLIENT_TYPES: &[&str] = &[
+    "join",
+    "publish_offer",
+    "subscribe_answer",
+    "candidate",
+    "admit",
+    "leave",
+    "ping",
+];
+
+impl ClientMsg {
+    /// Parses one text frame, telling an unknown type apart from a malformed message.
+    pub fn parse(text: &str) -> Result<ClientMsg, SignalError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|_| {
+            SignalError::new(ErrorCode::BadMessage, "The message is not valid JSON.")
+        })?;
+        let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
+            return Err(SignalError::new(
+                ErrorCode::BadMessage,
+                "The message has no \"type\" field.",
+            ));
+        };
+        if !CLIENT_TYPES.contains(&kind) {
+            return Err(SignalError::new(
+                ErrorCode::UnknownType,
+                "This message type is not part of protocol version 1.",
+            ));
+        }
+        let kind = kind.to_owned();
+        serde_json::from_value(value).map_err(|e| {
+            // serde's sentence names the field and the expected type; it never echoes values.
+            SignalError::new(
+                ErrorCode::BadMessage,
+                format!("The \"{kind}\" message is malformed: {e}."),
+            )
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SessionView {
+    pub id: String,
+    pub kind: SessionKind,
+    #[serde(with = "time::serde::rfc3339")]
+    pub starts_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ends_at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PeerView {
+    pub participant_id: ParticipantId,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TrackView {
+    pub mid: String,
+    pub participant_id: ParticipantId,
+    pub kind: &'static str,
+    pub active: bool,
+}
+
+/// A message to the browser.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Joined {
+        protocol: u32,
+        participant_id: ParticipantId,
+        role: Role,
+        session: SessionView,
+        participants: Vec<PeerView>,
+    },
+    Waiting {
+        session: SessionView,
+        therapist_present: bool,
+    },
+    WaitingList {
+        waiting: Vec<PeerView>,
+    },
+    ParticipantJoined {
+        participant_id: ParticipantId,
+        role: Role,
+    },
+    ParticipantLeft {
+        participant_id: ParticipantId,
+        reason: &'static str,
+    },
+    PublishAnswer {
+        sdp: String,
+    },
+    SubscribeOffer {
+        negotiation: u64,
+        sdp: String,
+        tracks: Vec<TrackView>,
+    },
+    Left {
+        reason: &'static str,
+    },
+    Pong,
+    Error {
+        code: &'static str,
+        message: String,
+        #[serde(
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        opens_at: Option<OffsetDateTime>,
+    },
+}
+
+impl From<&SignalError> for ServerMsg {
+    fn from(e: &SignalError) -> Self {
+        ServerMsg::Error {
+            code: e.code.as_str(),
+            message: e.message.clone(),
+            opens_at: e.opens_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_type_and_malformed_messages_get_different_codes() {
+        let code = |s: &str| ClientMsg::parse(s).err().map(|e| e.code);
+        assert_eq!(code("not json"), Some(ErrorCode::BadMessage));
+        assert_eq!(code("{}"), Some(ErrorCode::BadMessage));
+        assert_eq!(code(r#"{"type":"dance"}"#), Some(ErrorCode::UnknownType));
+        assert_eq!(code(r#"{"type":"join"}"#), Some(ErrorCode::BadMessage));
+        assert_eq!(
+            code(r#"{"type":"subscribe_answer","negotiation":"x","sdp":""}"#),
+            Some(ErrorCode::BadMessage)
+        );
+        assert!(matches!(
+            ClientMsg::parse(r#"{"type":"leave","extra":1}"#),
+            Ok(ClientMsg::Leave)
+        ));
+    }
+
+    #[test]
+    fn error_message_carries_opens_at_only_when_set() {
+        let e = SignalError::new(ErrorCode::TokenExpired, "expired");
+        let json = serde_json::to_value(ServerMsg::from(&e)).expect("serializable");
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["code"], "token_expired");
+        assert!(json.get("opens_at").is_none());
+    }
+}

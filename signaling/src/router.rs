@@ -1,0 +1,78 @@
+//! How a connection finds its session.
+//!
+//! On one node the router is a task with a map from session id to the session's actor; in a
+//! cluster it would be an implementation over Redis with the same handle. Callers only see
+//! [`RouterHandle::session`].
+
+use std::collections::HashMap;
+
+use haven_ids::SessionId;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::session::{self, SessionDeps, SessionHandle};
+use crate::token::JoinGrant;
+
+enum RouterCmd {
+    Session {
+        grant: JoinGrant,
+        reply: oneshot::Sender<SessionHandle>,
+    },
+    Count {
+        reply: oneshot::Sender<usize>,
+    },
+}
+
+#[derive(Clone)]
+pub struct RouterHandle {
+    tx: mpsc::Sender<RouterCmd>,
+}
+
+impl RouterHandle {
+    pub fn spawn(deps: SessionDeps) -> RouterHandle {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(run(deps, rx));
+        RouterHandle { tx }
+    }
+
+    /// The actor of the grant's session, opened if it is not running.
+    pub async fn session(&self, grant: &JoinGrant) -> Option<SessionHandle> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(RouterCmd::Session {
+                grant: grant.clone(),
+                reply,
+            })
+            .await
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// How many sessions are open on this node.
+    pub async fn open_sessions(&self) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(RouterCmd::Count { reply }).await.is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+}
+
+async fn run(deps: SessionDeps, mut rx: mpsc::Receiver<RouterCmd>) {
+    let mut sessions: HashMap<SessionId, SessionHandle> = HashMap::new();
+    while let Some(cmd) = rx.recv().await {
+        // Sessions whose actor has ended (idle and empty) are forgotten here.
+        sessions.retain(|_, h| !h.is_closed());
+        match cmd {
+            RouterCmd::Session { grant, reply } => {
+                let handle = sessions
+                    .entry(grant.session.clone())
+                    .or_insert_with(|| session::spawn(&grant, deps.clone()))
+                    .clone();
+                let _ = reply.send(handle);
+            }
+            RouterCmd::Count { reply } => {
+                let _ = reply.send(sessions.len());
+            }
+        }
+    }
+}

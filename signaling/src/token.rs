@@ -1,0 +1,237 @@
+//! Join tokens: what they claim and how Haven checks them.
+//!
+//! A token is a JWT signed by the scheduling system for one person, one scheduled session and
+//! one role. Haven trusts a fixed set of keys, each with its algorithm pinned: the `alg` in a
+//! token's header is never what decides how it is checked. Beyond the signature and the usual
+//! claims, Haven enforces the session's own window: the waiting room opens a configured time
+//! before the start, and nobody new joins after the end plus the allowed overrun.
+
+use std::time::Duration;
+
+use haven_ids::{ParticipantId, Role, SessionId, SessionKind};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::error::{ErrorCode, SignalError};
+
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims of a join token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JoinClaims {
+    pub iss: String,
+    pub aud: String,
+    /// The pseudonymous participant id.
+    pub sub: String,
+    pub role: String,
+    pub exp: i64,
+    pub nbf: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    pub session: SessionClaim,
+}
+
+/// The scheduled session a token admits to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionClaim {
+    pub id: String,
+    pub kind: SessionKind,
+    #[serde(with = "time::serde::rfc3339")]
+    pub starts_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ends_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+}
+
+/// A key Haven trusts, with the issuer it belongs to and its pinned algorithm.
+#[derive(Clone)]
+pub struct TrustedKey {
+    pub issuer: String,
+    pub algorithm: Algorithm,
+    pub key: DecodingKey,
+    /// When set, only tokens whose header names this `kid` are checked with this key.
+    pub kid: Option<String>,
+}
+
+/// Rules for checking tokens.
+#[derive(Clone, Debug)]
+pub struct TokenRules {
+    pub audience: String,
+    /// Allowed clock difference with the issuer; at most 60 seconds.
+    pub leeway: Duration,
+    /// How long before the scheduled start the waiting room opens.
+    pub join_opens_before: Duration,
+    /// How long after the scheduled end people may still join.
+    pub overrun: Duration,
+}
+
+impl Default for TokenRules {
+    fn default() -> Self {
+        TokenRules {
+            audience: "haven".into(),
+            leeway: Duration::from_secs(30),
+            join_opens_before: Duration::from_secs(15 * 60),
+            overrun: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// What a verified token grants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinGrant {
+    pub participant: ParticipantId,
+    pub role: Role,
+    pub session: SessionId,
+    pub kind: SessionKind,
+    pub starts_at: OffsetDateTime,
+    pub ends_at: OffsetDateTime,
+    pub program: Option<String>,
+}
+
+pub struct TokenVerifier {
+    keys: Vec<TrustedKey>,
+    rules: TokenRules,
+}
+
+impl TokenVerifier {
+    pub fn new(keys: Vec<TrustedKey>, rules: TokenRules) -> Self {
+        TokenVerifier { keys, rules }
+    }
+
+    pub fn rules(&self) -> &TokenRules {
+        &self.rules
+    }
+
+    /// Checks a token at `now`: signature, claims, role and the session window.
+    pub fn verify(&self, token: &str, now: OffsetDateTime) -> Result<JoinGrant, SignalError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid(
+                "The join link is too long to be a Haven join link.",
+            ));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("The join link is damaged or incomplete."))?;
+
+        let claims = self.decode(token, header.kid.as_deref())?;
+        let grant = grant_from(claims)?;
+        self.check_window(&grant, now)?;
+        Ok(grant)
+    }
+
+    fn decode(&self, token: &str, kid: Option<&str>) -> Result<JoinClaims, SignalError> {
+        let candidates = self
+            .keys
+            .iter()
+            .filter(|k| k.kid.is_none() || k.kid.as_deref() == kid);
+        let mut last =
+            invalid("The join link was not signed by a scheduling system this server trusts.");
+
+        for key in candidates {
+            let mut v = Validation::new(key.algorithm);
+            v.set_audience(&[&self.rules.audience]);
+            v.set_issuer(&[&key.issuer]);
+            v.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+            v.leeway = self.rules.leeway.as_secs().min(60);
+            v.validate_nbf = true;
+
+            match jsonwebtoken::decode::<JoinClaims>(token, &key.key, &v) {
+                Ok(data) => return Ok(data.claims),
+                // The signature matched this key, so its verdict on the claims is final.
+                Err(e) => match e.kind() {
+                    ErrorKind::ExpiredSignature => {
+                        return Err(SignalError::new(
+                            ErrorCode::TokenExpired,
+                            "This join link has expired. Ask your program for a new link.",
+                        ));
+                    }
+                    ErrorKind::ImmatureSignature => {
+                        return Err(SignalError::new(
+                            ErrorCode::TooEarly,
+                            "This join link is not valid yet. Try again closer to the session time.",
+                        ));
+                    }
+                    ErrorKind::InvalidAudience => {
+                        return Err(SignalError::new(
+                            ErrorCode::WrongAudience,
+                            "This link was issued for another service, not for this video server.",
+                        ));
+                    }
+                    ErrorKind::MissingRequiredClaim(_)
+                    | ErrorKind::Json(_)
+                    | ErrorKind::InvalidIssuer => {
+                        last = invalid("The join link is missing information this server needs.");
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Err(last)
+    }
+
+    fn check_window(&self, grant: &JoinGrant, now: OffsetDateTime) -> Result<(), SignalError> {
+        let opens_at = grant.starts_at - self.rules.join_opens_before;
+        if now < opens_at {
+            let mut e = SignalError::new(
+                ErrorCode::TooEarly,
+                format!("The waiting room opens at {}.", rfc3339(opens_at)),
+            );
+            e.opens_at = Some(opens_at);
+            return Err(e);
+        }
+        if now > grant.ends_at + self.rules.overrun {
+            return Err(SignalError::new(
+                ErrorCode::SessionOver,
+                "This session has ended; it can no longer be joined.",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
+    let role = Role::parse(&c.role).ok_or_else(|| {
+        SignalError::new(
+            ErrorCode::RoleNotAllowed,
+            "The role in this join link is not one this server knows.",
+        )
+    })?;
+    if role == Role::Auditor {
+        return Err(SignalError::new(
+            ErrorCode::RoleNotAllowed,
+            "Auditors read attendance through the compliance API and never join a session.",
+        ));
+    }
+    let participant = ParticipantId::parse(&c.sub)
+        .map_err(|_| invalid("The participant id in the join link is not valid."))?;
+    let session = SessionId::parse(&c.session.id)
+        .map_err(|_| invalid("The session id in the join link is not valid."))?;
+    if c.session.ends_at <= c.session.starts_at {
+        return Err(invalid(
+            "The session in the join link ends before it starts.",
+        ));
+    }
+    Ok(JoinGrant {
+        participant,
+        role,
+        session,
+        kind: c.session.kind,
+        starts_at: c.session.starts_at,
+        ends_at: c.session.ends_at,
+        program: c.session.program,
+    })
+}
+
+fn invalid(message: &str) -> SignalError {
+    SignalError::new(ErrorCode::TokenInvalid, message)
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
