@@ -14,6 +14,11 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, Overrides};
 use crate::{devkey, LEDGER_FILE};
 
+/// Haven's own crates log lifecycle at info. The WebRTC libraries underneath log ICE
+/// credentials and peer addresses at debug, so they stay at warn unless RUST_LOG says
+/// otherwise (and such detail belongs at trace in Haven's terms).
+const DEFAULT_LOG_FILTER: &str = "info,str0m=warn,dimpl=warn,is=warn";
+
 #[derive(Args, Default)]
 pub struct ServeArgs {
     /// A TOML configuration file.
@@ -37,7 +42,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

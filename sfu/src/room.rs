@@ -454,23 +454,34 @@ impl Room {
     // ---- network and time -----------------------------------------------------------------
 
     fn handle_datagram(&mut self, d: Datagram) {
-        let found = self.participants.iter_mut().find_map(|p| {
+        let found = self.participants.iter().enumerate().find_map(|(i, p)| {
             if p.publish.pc == d.pc {
-                Some(&mut p.publish)
+                Some((i, PcSide::Publish))
             } else if p.subscribe.pc == d.pc {
-                Some(&mut p.subscribe)
+                Some((i, PcSide::Subscribe))
             } else {
                 None
             }
         });
-        let Some(peer) = found else { return };
+        let Some((i, side)) = found else { return };
 
         let Ok(receive) = Receive::new(Protocol::Udp, d.source, self.ctx.advertised, &d.data)
         else {
             return;
         };
+        let peer = self.participants[i].peer(side);
         if let Err(e) = peer.rtc.handle_input(Input::Receive(d.at, receive)) {
             tracing::debug!(error = %e, "datagram rejected by peer connection");
+        }
+
+        // str0m in RTP mode holds one received packet until it is polled: poll this
+        // connection now, before the next datagram, or the packet is overwritten and lost.
+        // Forwarding only queues packets in the subscribers' connections; those are polled
+        // once for the whole batch in `drive`.
+        let mut events = Vec::new();
+        poll_peer(peer, &self.ctx.socket, d.at, |e| events.push(e));
+        for e in events {
+            self.handle_event(i, side, e, d.at);
         }
     }
 
@@ -625,10 +636,14 @@ impl Room {
         let is_keyframe = codec == Codec::Vp8 && is_vp8_keyframe_start(&pkt.payload);
         let publisher_id = publisher.id.clone();
 
-        let mut exts = ExtensionValues::default();
-        exts.audio_level = pkt.header.ext_vals.audio_level;
-        exts.voice_activity = pkt.header.ext_vals.voice_activity;
-        exts.video_orientation = pkt.header.ext_vals.video_orientation;
+        // Only extensions that describe the media itself travel on; mid, rid and transport
+        // fields belong to the publisher's connection and would mislead the subscriber.
+        let exts = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            ..ExtensionValues::default()
+        };
 
         let mut forwarded = 0;
         for (j, p) in self.participants.iter_mut().enumerate() {

@@ -6,6 +6,7 @@ use rust_embed::RustEmbed;
 
 #[derive(RustEmbed)]
 #[folder = "../web-client/"]
+#[exclude = "*.md"]
 struct Assets;
 
 /// Scripts, styles and media only from Haven itself; no inline script, no framing.

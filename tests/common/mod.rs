@@ -1,0 +1,351 @@
+//! Helpers shared by the end-to-end tests: a real `haven` process on loopback, join tokens,
+//! and a WebSocket client that speaks the signaling protocol.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_haven");
+
+/// Sets the server's `RUST_LOG` for a test run (default `info`), for example
+/// `HAVEN_TEST_LOG=debug` to see signaling and media detail in [`Server::log_text`].
+pub const ENV_TEST_LOG: &str = "HAVEN_TEST_LOG";
+
+/// How long `haven serve` may take to print its start-up line.
+const STARTUP_WAIT: Duration = Duration::from_secs(20);
+
+/// How many of the server's last output lines [`Server::log_text`] keeps.
+const LOG_LINES_KEPT: usize = 20_000;
+
+/// A `haven serve` process with its own data directory, on ports the OS picked.
+pub struct Server {
+    pub child: Child,
+    pub http: String,
+    pub data_dir: PathBuf,
+    /// The server's output lines (its log), the last [`LOG_LINES_KEPT`] of them.
+    pub log: Arc<Mutex<VecDeque<String>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut s = Server::start_in(tmp.path());
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts on `data_dir`, which outlives the server (for restart tests).
+    pub fn start_in(data_dir: &Path) -> Server {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--media-port",
+                "0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var(ENV_TEST_LOG).unwrap_or_else(|_| "info".into()),
+            )
+            // Plain log lines: the server colours its log even when it goes to a pipe.
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn haven");
+
+        // Every output line goes to `log`, so a failing test can show what the server said;
+        // reading all the time also keeps the server from blocking on a full pipe. Both streams
+        // are read because the log goes to stdout today (tracing-subscriber's default) and
+        // errors go to stderr.
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (first_lines, startup) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        collect_lines(stdout, log.clone(), first_lines.clone());
+        collect_lines(stderr, log.clone(), first_lines);
+
+        // The start-up line names the address the OS gave us.
+        let deadline = std::time::Instant::now() + STARTUP_WAIT;
+        let mut http = None;
+        while http.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = startup.recv_timeout(left) else {
+                break;
+            };
+            if let Some(rest) = line.split("http=").nth(1) {
+                http = rest.split_whitespace().next().map(str::to_owned);
+            }
+        }
+        let Some(http) = http else {
+            let _ = child.kill();
+            let said = log
+                .lock()
+                .map(|l| Vec::from(l.clone()).join("\n"))
+                .unwrap_or_default();
+            panic!("haven printed no start-up line within {STARTUP_WAIT:?}; it said:\n{said}");
+        };
+        Server {
+            child,
+            http,
+            data_dir: data_dir.to_owned(),
+            log,
+            _tmp: None,
+        }
+    }
+
+    /// The server's log so far, one line per line.
+    pub fn log_text(&self) -> String {
+        self.log
+            .lock()
+            .map(|l| Vec::from(l.clone()).join("\n"))
+            .unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    /// Mints a token with `haven token`; `extra` adds flags such as `--starts-at`.
+    pub fn token(&self, session: &str, role: &str, subject: &str, extra: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args([
+                "token",
+                "--session",
+                session,
+                "--role",
+                role,
+                "--subject",
+                subject,
+                "--data-dir",
+            ])
+            .arg(&self.data_dir)
+            .args(extra)
+            .output()
+            .expect("run haven token");
+        assert!(
+            out.status.success(),
+            "haven token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
+    }
+
+    /// The development key, for tests that mint tokens `haven token` would refuse to make.
+    pub fn dev_key(&self) -> jsonwebtoken::EncodingKey {
+        let pem = std::fs::read(self.data_dir.join("dev-signing-key.pem")).expect("dev key");
+        jsonwebtoken::EncodingKey::from_ed_pem(&pem).expect("Ed25519 PEM")
+    }
+
+    /// CPU seconds (user + system) the server has used, from `/proc`.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("proc stat");
+        // Fields after the command name (which may contain spaces) start after the last ')'.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+        ticks / 100.0
+    }
+
+    /// Runs `haven attendance report --format json` for a session.
+    pub fn report(&self, session: &str) -> Value {
+        let out = Command::new(BIN)
+            .args([
+                "attendance",
+                "report",
+                "--format",
+                "json",
+                "--session",
+                session,
+                "--data-dir",
+            ])
+            .arg(&self.data_dir)
+            .output()
+            .expect("run haven attendance report");
+        assert!(
+            out.status.success(),
+            "report failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("report is JSON")
+    }
+
+    /// How many entries the ledger holds, read straight from the SQLite file.
+    pub fn ledger_entries(&self) -> i64 {
+        let path = self.data_dir.join("attendance.sqlite3");
+        let db = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open ledger");
+        db.query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))
+            .expect("count")
+    }
+
+    pub fn stop(&mut self) {
+        // SIGTERM first, so the server can finish writing; then make sure it is gone.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads `from` line by line on its own thread into `log` (bounded) and `first_lines`.
+fn collect_lines(
+    from: impl std::io::Read + Send + 'static,
+    log: Arc<Mutex<VecDeque<String>>>,
+    first_lines: std::sync::mpsc::Sender<String>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            let line = strip_ansi(&line);
+            // Nobody listens once start-up is over; that is fine.
+            let _ = first_lines.send(line.clone());
+            let Ok(mut kept) = log.lock() else { return };
+            if kept.len() >= LOG_LINES_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+    });
+}
+
+/// Removes terminal colour sequences (`ESC [ ... letter`) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip the sequence up to and including its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A signaling client over a real WebSocket.
+pub struct Signal {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Signal {
+    pub async fn connect(server: &Server) -> Signal {
+        Signal::connect_url(&server.ws_url()).await
+    }
+
+    /// Connects to a `ws://` URL, for tasks that do not hold the [`Server`].
+    pub async fn connect_url(url: &str) -> Signal {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connect");
+        Signal { ws }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn join(&mut self, token: &str) {
+        self.send(json!({"type": "join", "token": token})).await;
+    }
+
+    /// The next JSON message, or `None` when the socket closed. Bounded by `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match msg {
+                Ok(Message::Text(t)) => {
+                    return Some(serde_json::from_str(&t).expect("server sends JSON"))
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        self.recv_within(Duration::from_secs(10))
+            .await
+            .expect("a message within 10 s")
+    }
+
+    /// Skips messages until one of type `kind` arrives.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        for _ in 0..100 {
+            let m = self.recv().await;
+            if m["type"] == kind {
+                return m;
+            }
+        }
+        panic!("no {kind} message");
+    }
+
+    /// True when the server closes the socket within `wait`.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Sends the next message received to a channel-less caller: the raw stream for tests
+    /// that interleave signaling with media.
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+}

@@ -1,0 +1,242 @@
+//! Every way a join token can be refused: each gets its stable code, the socket closes, and
+//! nothing reaches the attendance ledger.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, Signal};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).expect("formattable")
+}
+
+/// Claims like the scheduling system's, for a session that started a minute ago.
+fn claims() -> serde_json::Value {
+    let now = OffsetDateTime::now_utc();
+    json!({
+        "iss": "haven-dev",
+        "aud": "haven",
+        "sub": "p-tok-01",
+        "role": "client",
+        "nbf": now.unix_timestamp() - 60,
+        "exp": now.unix_timestamp() + 3600,
+        "session": {
+            "id": "sess-tok",
+            "kind": "individual",
+            "starts_at": rfc3339(now - time::Duration::minutes(1)),
+            "ends_at": rfc3339(now + time::Duration::minutes(59)),
+        }
+    })
+}
+
+fn sign(key: &EncodingKey, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, key).expect("sign")
+}
+
+/// Sends `join` with `token` and returns the error message, checking the socket closes.
+async fn refused(server: &Server, token: &str) -> serde_json::Value {
+    let mut s = Signal::connect(server).await;
+    s.join(token).await;
+    let msg = s.recv().await;
+    assert_eq!(msg["type"], "error", "expected an error, got {msg}");
+    assert!(
+        msg["message"].as_str().is_some_and(|m| m.len() > 10),
+        "a sentence a person can act on: {msg}"
+    );
+    assert!(
+        s.closed_within(Duration::from_secs(5)).await,
+        "socket closes after a join error"
+    );
+    msg
+}
+
+#[tokio::test]
+async fn every_token_failure_has_its_code_and_writes_nothing() {
+    let server = Server::start();
+    let key = server.dev_key();
+    let now = OffsetDateTime::now_utc();
+
+    // token_invalid: garbage, a forged signature, a token signed by another key, a missing claim.
+    assert_eq!(refused(&server, "not-a-jwt").await["code"], "token_invalid");
+
+    let good = sign(&key, &claims());
+    let forged = format!("{}AAAA", &good[..good.len() - 4]);
+    assert_eq!(refused(&server, &forged).await["code"], "token_invalid");
+
+    let other_key = tempfile::tempdir().expect("temp dir");
+    let other = Server::start_in(other_key.path());
+    let foreign = sign(&other.dev_key(), &claims());
+    drop(other);
+    assert_eq!(refused(&server, &foreign).await["code"], "token_invalid");
+
+    let mut no_session = claims();
+    no_session
+        .as_object_mut()
+        .expect("object")
+        .remove("session");
+    assert_eq!(
+        refused(&server, &sign(&key, &no_session)).await["code"],
+        "token_invalid"
+    );
+
+    // An HS256 token must not be accepted even if it names the right issuer: the algorithm
+    // is pinned by the key, never taken from the header.
+    let hs = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(b"guess"),
+    )
+    .expect("sign");
+    assert_eq!(refused(&server, &hs).await["code"], "token_invalid");
+
+    // Oversized tokens are refused before parsing.
+    assert_eq!(
+        refused(&server, &"a".repeat(20_000)).await["code"],
+        "token_invalid"
+    );
+
+    // token_expired
+    let mut expired = claims();
+    expired["exp"] = json!(now.unix_timestamp() - 3600);
+    assert_eq!(
+        refused(&server, &sign(&key, &expired)).await["code"],
+        "token_expired"
+    );
+
+    // too_early: the session starts in two hours; the waiting room opens 15 minutes before.
+    let starts = now + time::Duration::hours(2);
+    let early = server.token(
+        "sess-tok",
+        "client",
+        "p-tok-01",
+        &[
+            "--starts-at",
+            &rfc3339(starts),
+            "--ends-at",
+            &rfc3339(starts + time::Duration::hours(1)),
+        ],
+    );
+    let msg = refused(&server, &early).await;
+    assert_eq!(msg["code"], "too_early");
+    let opens_at = OffsetDateTime::parse(msg["opens_at"].as_str().expect("opens_at"), &Rfc3339)
+        .expect("RFC 3339");
+    assert_eq!(opens_at, starts - time::Duration::minutes(15));
+
+    // session_over: ended an hour ago, token still valid, overrun (15 minutes) long past.
+    let ended = now - time::Duration::hours(1);
+    let over = server.token(
+        "sess-tok",
+        "client",
+        "p-tok-01",
+        &[
+            "--starts-at",
+            &rfc3339(ended - time::Duration::hours(1)),
+            "--ends-at",
+            &rfc3339(ended),
+            "--valid-after-end-minutes",
+            "120",
+        ],
+    );
+    assert_eq!(refused(&server, &over).await["code"], "session_over");
+
+    // wrong_audience
+    let mut aud = claims();
+    aud["aud"] = json!("another-service");
+    assert_eq!(
+        refused(&server, &sign(&key, &aud)).await["code"],
+        "wrong_audience"
+    );
+
+    // role_not_allowed: auditors never join media, unknown roles are refused.
+    let auditor = server.token("sess-tok", "auditor", "a-tok-01", &[]);
+    assert_eq!(refused(&server, &auditor).await["code"], "role_not_allowed");
+    let mut admin = claims();
+    admin["role"] = json!("admin");
+    assert_eq!(
+        refused(&server, &sign(&key, &admin)).await["code"],
+        "role_not_allowed"
+    );
+
+    // join_required: anything else as the first message.
+    let mut s = Signal::connect(&server).await;
+    s.send(json!({"type": "ping"})).await;
+    assert_eq!(s.recv().await["code"], "join_required");
+    assert!(s.closed_within(Duration::from_secs(5)).await);
+
+    // Nothing of the above reached the ledger.
+    assert_eq!(server.ledger_entries(), 0);
+
+    // The same server still admits a good token, which proves the refusals above were about
+    // the tokens, and that writes do reach the ledger.
+    let therapist = server.token("sess-tok", "therapist", "t-tok-01", &[]);
+    let mut s = Signal::connect(&server).await;
+    s.join(&therapist).await;
+    let joined = s.expect("joined").await;
+    assert_eq!(joined["role"], "therapist");
+    assert!(
+        server.ledger_entries() >= 2,
+        "session opened and therapist admitted"
+    );
+}
+
+#[tokio::test]
+async fn client_waits_until_the_therapist_admits_and_errors_keep_the_socket_open() {
+    let server = Server::start();
+    let mut therapist = Signal::connect(&server).await;
+    therapist
+        .join(&server.token("sess-wait", "therapist", "t-w-01", &["--kind", "group"]))
+        .await;
+    therapist.expect("joined").await;
+
+    let mut client = Signal::connect(&server).await;
+    client
+        .join(&server.token("sess-wait", "client", "p-w-01", &["--kind", "group"]))
+        .await;
+    let waiting = client.expect("waiting").await;
+    assert_eq!(waiting["therapist_present"], true);
+
+    // A waiting client may not publish, nor admit anyone; the socket stays usable.
+    client
+        .send(json!({"type": "publish_offer", "sdp": "v=0"}))
+        .await;
+    assert_eq!(client.expect("error").await["code"], "not_admitted");
+    client
+        .send(json!({"type": "admit", "participant_id": "p-w-01"}))
+        .await;
+    assert_eq!(client.expect("error").await["code"], "forbidden");
+    client.send(json!({"type": "dance"})).await;
+    assert_eq!(client.expect("error").await["code"], "unknown_type");
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.expect("pong").await["type"], "pong");
+    let before = server.ledger_entries();
+
+    let list = therapist.expect("waiting_list").await;
+    assert_eq!(list["waiting"][0]["participant_id"], "p-w-01");
+    therapist
+        .send(json!({"type": "admit", "participant_id": "nobody"}))
+        .await;
+    assert_eq!(
+        therapist.expect("error").await["code"],
+        "unknown_participant"
+    );
+    therapist
+        .send(json!({"type": "admit", "participant_id": "p-w-01"}))
+        .await;
+
+    let joined = client.expect("joined").await;
+    assert_eq!(joined["participants"][0]["participant_id"], "t-w-01");
+    let seen = therapist.expect("participant_joined").await;
+    assert_eq!(seen["participant_id"], "p-w-01");
+    assert_eq!(server.ledger_entries(), before + 1, "one Admitted entry");
+
+    client.send(json!({"type": "leave"})).await;
+    assert_eq!(client.expect("left").await["reason"], "left");
+    let gone = therapist.expect("participant_left").await;
+    assert_eq!(gone["participant_id"], "p-w-01");
+    assert_eq!(server.ledger_entries(), before + 2, "and one Left entry");
+}

@@ -1,0 +1,151 @@
+// @ts-check
+// The WebSocket to Haven and the message types of docs/protocol.md (version 1).
+// Nothing here touches the page: app.js decides what each message means for the person.
+
+/** @typedef {'client' | 'therapist' | 'sponsor' | 'auditor'} Role */
+
+/** @typedef {'left' | 'connection_lost' | 'removed' | 'session_ended' | 'server_shutdown'} LeaveReason */
+
+/**
+ * @typedef {object} SessionInfo
+ * @property {string} id
+ * @property {string} kind
+ * @property {string} starts_at
+ * @property {string} ends_at
+ */
+
+/**
+ * @typedef {object} ParticipantInfo
+ * @property {string} participant_id
+ * @property {Role} role
+ */
+
+/**
+ * One m-line of the subscribe connection and whose media it carries.
+ * @typedef {object} TrackInfo
+ * @property {string} mid
+ * @property {string} participant_id
+ * @property {'audio' | 'video'} kind
+ * @property {boolean} [active] false for an m-line left inactive by someone who left
+ *   (sent by Haven, not yet in docs/protocol.md)
+ */
+
+/**
+ * @typedef {{type: 'joined', protocol: number, participant_id: string, role: Role,
+ *   session: SessionInfo, participants: ParticipantInfo[]}} JoinedMessage
+ * @typedef {{type: 'waiting', session: SessionInfo, therapist_present: boolean}} WaitingMessage
+ * @typedef {{type: 'waiting_list', waiting: ParticipantInfo[]}} WaitingListMessage
+ * @typedef {{type: 'participant_joined', participant_id: string, role: Role}} ParticipantJoinedMessage
+ * @typedef {{type: 'participant_left', participant_id: string, reason: LeaveReason}} ParticipantLeftMessage
+ * @typedef {{type: 'publish_answer', sdp: string}} PublishAnswerMessage
+ * @typedef {{type: 'subscribe_offer', negotiation: number, sdp: string, tracks: TrackInfo[]}} SubscribeOfferMessage
+ * @typedef {{type: 'left', reason: LeaveReason}} LeftMessage
+ * @typedef {{type: 'pong'}} PongMessage
+ * @typedef {{type: 'error', code: string, message: string, opens_at?: string}} ErrorMessage
+ */
+
+/**
+ * @typedef {JoinedMessage | WaitingMessage | WaitingListMessage | ParticipantJoinedMessage
+ *   | ParticipantLeftMessage | PublishAnswerMessage | SubscribeOfferMessage | LeftMessage
+ *   | PongMessage | ErrorMessage} ServerMessage
+ */
+
+/**
+ * @typedef {{type: 'join', token: string}
+ *   | {type: 'publish_offer', sdp: string}
+ *   | {type: 'subscribe_answer', negotiation: number, sdp: string}
+ *   | {type: 'candidate', pc: 'publish' | 'subscribe', candidate: string}
+ *   | {type: 'admit', participant_id: string}
+ *   | {type: 'leave'}
+ *   | {type: 'ping'}} ClientMessage
+ */
+
+/** Browsers ping this often so that proxies between them and Haven keep the socket open. */
+export const PING_INTERVAL_MS = 10_000;
+
+/**
+ * Error codes after which Haven closes the socket (the protocol's error table). Any other
+ * error leaves the participant where they are.
+ */
+export const CLOSING_ERROR_CODES = new Set([
+  'join_required', 'token_invalid', 'token_expired', 'too_early', 'session_over',
+  'wrong_audience', 'role_not_allowed', 'room_full', 'internal',
+]);
+
+/**
+ * The signaling URL on the page's own origin, with the scheme matching the page's.
+ * @param {Location} location
+ */
+export function signalingUrl(location) {
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${location.host}/ws`;
+}
+
+/**
+ * @typedef {object} ChannelHandlers
+ * @property {() => void} onOpen
+ * @property {(message: ServerMessage) => void} onMessage
+ * @property {(code: number, reason: string) => void} onClose
+ */
+
+/** One WebSocket to Haven: JSON in and out, and the keep-alive ping. */
+export class SignalingChannel {
+  /**
+   * @param {string} url
+   * @param {ChannelHandlers} handlers
+   */
+  constructor(url, handlers) {
+    this.socket = new WebSocket(url);
+    /** @type {ReturnType<typeof setInterval> | undefined} */
+    this.pingTimer = undefined;
+
+    this.socket.addEventListener('open', () => {
+      this.pingTimer = setInterval(() => this.send({ type: 'ping' }), PING_INTERVAL_MS);
+      handlers.onOpen();
+    });
+
+    this.socket.addEventListener('message', (event) => {
+      const message = parseServerMessage(event.data);
+      if (message) handlers.onMessage(message);
+    });
+
+    // A socket that fails to open fires `error` and then `close`; `close` alone is enough.
+    this.socket.addEventListener('close', (event) => {
+      clearInterval(this.pingTimer);
+      handlers.onClose(event.code, event.reason);
+    });
+  }
+
+  /** @returns {boolean} whether the socket is open, so a message can still be sent */
+  get isOpen() {
+    return this.socket.readyState === WebSocket.OPEN;
+  }
+
+  /** @param {ClientMessage} message */
+  send(message) {
+    if (this.isOpen) this.socket.send(JSON.stringify(message));
+  }
+
+  close() {
+    clearInterval(this.pingTimer);
+    if (this.socket.readyState <= WebSocket.OPEN) this.socket.close(1000, 'client closed');
+  }
+}
+
+/**
+ * Accept an object with a string `type`; the handlers check the fields of each type.
+ * @param {unknown} data
+ * @returns {ServerMessage | null}
+ */
+function parseServerMessage(data) {
+  if (typeof data !== 'string') return null;
+
+  try {
+    const value = JSON.parse(data);
+    if (value && typeof value === 'object' && typeof value.type === 'string') return value;
+  } catch {
+    // Fall through: Haven only sends JSON text, so this is a fault worth a console line.
+  }
+  console.warn('haven: ignored a signaling frame that is not a protocol message');
+  return null;
+}
