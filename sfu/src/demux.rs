@@ -107,24 +107,17 @@ fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// A binding request as a browser sends it: USERNAME, PRIORITY, ICE-CONTROLLING and
+    /// MESSAGE-INTEGRITY (the routing never checks the integrity, so any key will do).
     fn stun_request(username: &str) -> Vec<u8> {
-        // A minimal binding request: header, USERNAME attribute, no integrity. The parser
-        // only needs the attribute to split the username.
-        let mut attr = Vec::new();
-        let name = username.as_bytes();
-        attr.extend_from_slice(&0x0006u16.to_be_bytes());
-        attr.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        attr.extend_from_slice(name);
-        while attr.len() % 4 != 0 {
-            attr.push(0);
-        }
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&0x0001u16.to_be_bytes());
-        msg.extend_from_slice(&(attr.len() as u16).to_be_bytes());
-        msg.extend_from_slice(&0x2112A442u32.to_be_bytes());
-        msg.extend_from_slice(&[7u8; 12]);
-        msg.extend_from_slice(&attr);
-        msg
+        use str0m::ice::{StunMessage, TransId};
+        let msg = StunMessage::binding_request(username, TransId::new(), true, 1, 100, false);
+        let mut buf = vec![0u8; 512];
+        let n = msg
+            .to_bytes(Some(b"password"), &mut buf, |_, _| [0u8; 20])
+            .expect("serialize STUN");
+        buf.truncate(n);
+        buf
     }
 
     #[test]

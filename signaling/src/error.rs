@@ -62,7 +62,6 @@ impl ErrorCode {
                 | ErrorCode::SessionOver
                 | ErrorCode::WrongAudience
                 | ErrorCode::RoleNotAllowed
-                | ErrorCode::RoomFull
                 | ErrorCode::Internal
         )
     }
