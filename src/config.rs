@@ -19,6 +19,10 @@ pub const ENV_ADVERTISE_IP: &str = "HAVEN_ADVERTISE_IP";
 pub const ENV_PUBLIC_URL: &str = "HAVEN_PUBLIC_URL";
 pub const ENV_JOIN_OPENS_MINUTES: &str = "HAVEN_JOIN_OPENS_MINUTES";
 pub const ENV_OVERRUN_MINUTES: &str = "HAVEN_OVERRUN_MINUTES";
+pub const ENV_CAPACITY_INDIVIDUAL: &str = "HAVEN_CAPACITY_INDIVIDUAL";
+pub const ENV_CAPACITY_GROUP: &str = "HAVEN_CAPACITY_GROUP";
+pub const ENV_CAPACITY_FAMILY: &str = "HAVEN_CAPACITY_FAMILY";
+pub const ENV_RESUME_GRACE_SECONDS: &str = "HAVEN_RESUME_GRACE_SECONDS";
 
 /// Every setting, with its default in [`Config::default`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -38,6 +42,20 @@ pub struct Config {
     pub join_opens_minutes: u32,
     /// How many minutes after the scheduled end people may still join and time still counts.
     pub overrun_minutes: u32,
+    /// Most people (therapists included) in a one-on-one session.
+    pub capacity_individual: usize,
+    /// Most people in a group session (at most 16).
+    pub capacity_group: usize,
+    /// Most people in a family session.
+    pub capacity_family: usize,
+    /// How long a stay survives a lost connection, waiting for the browser to resume.
+    pub resume_grace_seconds: u32,
+    /// Trusted issuers. When empty, Haven runs in development mode and trusts only the key it
+    /// generated in the data directory.
+    pub issuers: Vec<crate::keys::IssuerConfig>,
+    /// Development only: also accept HS256 tokens from issuer `haven-dev` signed with this
+    /// shared secret.
+    pub dev_hs256_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -50,6 +68,12 @@ impl Default for Config {
             public_url: None,
             join_opens_minutes: 15,
             overrun_minutes: 15,
+            capacity_individual: 4,
+            capacity_group: 15,
+            capacity_family: 10,
+            resume_grace_seconds: 60,
+            issuers: Vec::new(),
+            dev_hs256_secret: None,
         }
     }
 }
@@ -87,6 +111,10 @@ impl Config {
             (ENV_PUBLIC_URL, "public_url"),
             (ENV_JOIN_OPENS_MINUTES, "join_opens_minutes"),
             (ENV_OVERRUN_MINUTES, "overrun_minutes"),
+            (ENV_CAPACITY_INDIVIDUAL, "capacity_individual"),
+            (ENV_CAPACITY_GROUP, "capacity_group"),
+            (ENV_CAPACITY_FAMILY, "capacity_family"),
+            (ENV_RESUME_GRACE_SECONDS, "resume_grace_seconds"),
         ];
         for (var, key) in env_names {
             fig = fig.merge(Env::raw().only(&[var]).map(move |_| key.into()));
@@ -94,10 +122,37 @@ impl Config {
         fig = fig.merge(Serialized::defaults(flags));
 
         // figment collects every failing key into one error; show them all.
-        fig.extract::<Config>().map_err(|e| {
+        let config = fig.extract::<Config>().map_err(|e| {
             let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
             anyhow::anyhow!("invalid configuration:\n  {}", all.join("\n  "))
-        })
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Settings that parse but make no sense, all reported together.
+    fn check(&self) -> anyhow::Result<()> {
+        let mut bad = Vec::new();
+        for (name, v) in [
+            ("capacity_individual", self.capacity_individual),
+            ("capacity_group", self.capacity_group),
+            ("capacity_family", self.capacity_family),
+        ] {
+            if !(2..=16).contains(&v) {
+                bad.push(format!("{name} = {v}: must be between 2 and 16"));
+            }
+        }
+        if self.resume_grace_seconds > 600 {
+            bad.push(format!(
+                "resume_grace_seconds = {}: at most 600",
+                self.resume_grace_seconds
+            ));
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid configuration:\n  {}", bad.join("\n  "))
+        }
     }
 
     pub fn media_bind(&self) -> SocketAddr {

@@ -53,8 +53,10 @@ fn create(path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+    let doc = Ed25519KeyPair::generate_pkcs8v1(&SystemRandom::new())
         .map_err(|_| anyhow::anyhow!("cannot generate an Ed25519 key"))?;
+    // PKCS#8 v1, as `openssl genpkey -algorithm ED25519` writes it: every JWT library and
+    // OpenSSL-based tool reads it (some refuse v2 with its embedded public key).
     let text = pem::encode(&pem::Pem::new("PRIVATE KEY", doc.as_ref().to_vec()));
 
     // Written to a temporary file and renamed, so a crash never leaves half a key; readable

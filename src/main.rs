@@ -6,6 +6,7 @@
 
 mod config;
 mod devkey;
+mod keys;
 mod serve;
 mod token;
 

@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use jsonwebtoken::Algorithm;
-use signaling::{ServerState, SessionDeps, TokenRules, TokenVerifier, TrustedKey};
+use signaling::revocation::RevocationList;
+use signaling::{
+    Capacity, ServerState, SessionDeps, SessionPolicy, TokenRules, TokenVerifier, TrustedKey,
+};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, Overrides};
@@ -18,6 +21,9 @@ use crate::{devkey, LEDGER_FILE};
 /// credentials and peer addresses at debug, so they stay at warn unless RUST_LOG says
 /// otherwise (and such detail belongs at trace in Haven's terms).
 const DEFAULT_LOG_FILTER: &str = "info,str0m=warn,dimpl=warn,is=warn";
+
+/// Tokens that may no longer join, one JSON object per line.
+const REVOCATIONS_FILE: &str = "revocations.jsonl";
 
 #[derive(Args, Default)]
 pub struct ServeArgs {
@@ -44,9 +50,15 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // The log goes to stderr, so that stdout stays free for what commands print; colours
+    // only on a terminal (and never with NO_COLOR set).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
 
     let flags = Overrides {
@@ -67,14 +79,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
 
-    // Development mode: no issuer keys are configured, so the generated key is trusted.
-    let dev = devkey::load_or_create(&config.data_dir)?;
-    let keys = vec![TrustedKey {
-        issuer: devkey::DEV_ISSUER.into(),
-        algorithm: Algorithm::EdDSA,
-        key: dev.decoding.clone(),
-        kid: None,
-    }];
+    // Development mode when no issuer keys are configured: the generated key is trusted.
+    let dev_mode = config.issuers.is_empty();
+    let mut keys = crate::keys::load(&config.issuers)?;
+    if dev_mode {
+        let dev = devkey::load_or_create(&config.data_dir)?;
+        keys.push(TrustedKey {
+            issuer: devkey::DEV_ISSUER.into(),
+            algorithm: Algorithm::EdDSA,
+            key: dev.decoding,
+            kid: None,
+        });
+    }
+    if let Some(secret) = &config.dev_hs256_secret {
+        tracing::warn!(
+            "dev_hs256_secret is set: HS256 tokens are accepted; never do this in production"
+        );
+        keys.push(TrustedKey {
+            issuer: devkey::DEV_ISSUER.into(),
+            algorithm: Algorithm::HS256,
+            key: jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+            kid: None,
+        });
+    }
+    let mode = if dev_mode {
+        "development: trusting the generated key in dev-signing-key.pem"
+    } else {
+        "production: trusting the configured issuers only"
+    };
+
     let rules = TokenRules {
         audience: devkey::DEV_AUDIENCE.into(),
         join_opens_before: Duration::from_secs(u64::from(config.join_opens_minutes) * 60),
@@ -94,13 +127,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("cannot bind media UDP port {}", config.media_bind()))?;
 
-    let state = ServerState::new(
-        TokenVerifier::new(keys, rules),
-        SessionDeps {
-            sfu: sfu.clone(),
-            ledger,
+    let revocations =
+        RevocationList::open(&config.data_dir.join(REVOCATIONS_FILE)).with_context(|| {
+            format!(
+                "cannot open the revocation list in {}",
+                config.data_dir.display()
+            )
+        })?;
+    let policy = SessionPolicy {
+        capacity: Capacity {
+            individual: config.capacity_individual,
+            group: config.capacity_group,
+            family: config.capacity_family,
         },
-    );
+        resume_grace: Duration::from_secs(config.resume_grace_seconds.into()),
+    };
+    let deps = SessionDeps {
+        sfu: sfu.clone(),
+        ledger,
+        revocations: Arc::new(revocations),
+        policy,
+    };
+    let state = ServerState::new(TokenVerifier::new(keys, rules), deps);
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
@@ -110,7 +158,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         %http,
         media = %sfu.local_addr(),
         data_dir = %config.data_dir.display(),
-        mode = "development: trusting the generated key in dev-signing-key.pem",
+        mode,
         "haven listening; make a join link with `haven token --data-dir {} --session demo --role therapist --subject t-01 --link`",
         config.data_dir.display()
     );

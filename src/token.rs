@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use haven_ids::{ParticipantId, Role, SessionId, SessionKind};
 use jsonwebtoken::{Algorithm, Header};
+use signaling::token::{Admission, AgeGroup, SponsorPolicy};
 use signaling::{JoinClaims, SessionClaim};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
@@ -37,6 +38,18 @@ pub struct TokenArgs {
     kind: String,
     #[arg(long)]
     program: Option<String>,
+    /// A name shown on screens (never logged).
+    #[arg(long)]
+    display_name: Option<String>,
+    /// adult or adolescent: which weekly requirement applies to a client.
+    #[arg(long)]
+    age_group: Option<String>,
+    /// Admit people as soon as a therapist is present, without a click.
+    #[arg(long)]
+    auto_admit: bool,
+    /// Allow a sponsor in this session, accompanying this client id (required for a sponsor).
+    #[arg(long)]
+    sponsor_for: Option<String>,
     /// How long the token stays valid after the scheduled end, in minutes.
     #[arg(long, default_value_t = 15)]
     valid_after_end_minutes: i64,
@@ -63,6 +76,13 @@ pub fn run(args: TokenArgs) -> anyhow::Result<std::process::ExitCode> {
             args.kind
         )
     })?;
+
+    let age_group = match args.age_group.as_deref() {
+        None => None,
+        Some("adult") => Some(AgeGroup::Adult),
+        Some("adolescent") => Some(AgeGroup::Adolescent),
+        Some(other) => anyhow::bail!("unknown age group {other:?}: use adult or adolescent"),
+    };
 
     let now = OffsetDateTime::now_utc();
     let starts_at = match &args.starts_at {
@@ -97,13 +117,21 @@ pub fn run(args: TokenArgs) -> anyhow::Result<std::process::ExitCode> {
         iat: Some(now.unix_timestamp()),
         nbf: now.unix_timestamp(),
         exp: (ends_at + Duration::minutes(args.valid_after_end_minutes)).unix_timestamp(),
-        jti: Some(format!("{:x}", now.unix_timestamp_nanos())),
+        jti: token_id(),
+        name: args.display_name,
+        age_group,
         session: SessionClaim {
             id: session.to_string(),
             kind,
             starts_at,
             ends_at,
             program: args.program,
+            admission: if args.auto_admit {
+                Admission::Auto
+            } else {
+                Admission::Manual
+            },
+            sponsors: args.sponsor_for.map(|c| SponsorPolicy { for_client: c }),
         },
     };
     let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &key.encoding)?;
@@ -117,4 +145,15 @@ pub fn run(args: TokenArgs) -> anyhow::Result<std::process::ExitCode> {
         println!("{token}");
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// 128 random bits, hex: unique per token so that one token can be revoked alone.
+fn token_id() -> String {
+    let mut bytes = [0u8; 16];
+    // The system's random source only fails on a broken machine; a time-based id is still
+    // unique enough for a development token.
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return format!("{:x}", OffsetDateTime::now_utc().unix_timestamp_nanos());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -23,6 +23,7 @@ fn claims() -> serde_json::Value {
         "aud": "haven",
         "sub": "p-tok-01",
         "role": "client",
+        "jti": "tok-test-1",
         "nbf": now.unix_timestamp() - 60,
         "exp": now.unix_timestamp() + 3600,
         "session": {
@@ -215,8 +216,8 @@ async fn client_waits_until_the_therapist_admits_and_errors_keep_the_socket_open
     assert_eq!(client.expect("pong").await["type"], "pong");
     let before = server.ledger_entries();
 
-    let list = therapist.expect("waiting_list").await;
-    assert_eq!(list["waiting"][0]["participant_id"], "p-w-01");
+    let list = therapist.waiting_list_with("p-w-01").await;
+    assert_eq!(list["waiting"].as_array().map(Vec::len), Some(1));
     therapist
         .send(json!({"type": "admit", "participant_id": "nobody"}))
         .await;
@@ -239,4 +240,163 @@ async fn client_waits_until_the_therapist_admits_and_errors_keep_the_socket_open
     let gone = therapist.expect("participant_left").await;
     assert_eq!(gone["participant_id"], "p-w-01");
     assert_eq!(server.ledger_entries(), before + 2, "and one Left entry");
+}
+
+/// Base64url without padding, as JWTs use it.
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn forged_and_incomplete_tokens_are_refused_and_other_rooms_carry_on() {
+    let server = Server::start();
+    let key = server.dev_key();
+    let now = OffsetDateTime::now_utc();
+
+    // A live session in another room, which must not notice any of this.
+    let mut other = Signal::connect(&server).await;
+    other
+        .join(&server.token("sess-other", "therapist", "t-oth-01", &[]))
+        .await;
+    other.expect("joined").await;
+
+    // alg: none, with no signature at all.
+    let none = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(claims().to_string().as_bytes())
+    );
+    assert_eq!(refused(&server, &none).await["code"], "token_invalid");
+
+    // HS256 "signed" with the server's public key as the secret (the classic key confusion).
+    let pem = std::fs::read(server.data_dir.join("dev-signing-key.pem")).expect("key");
+    let hs = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(&pem),
+    )
+    .expect("sign");
+    assert_eq!(refused(&server, &hs).await["code"], "token_invalid");
+
+    // Missing aud, wrong issuer, missing jti.
+    for field in ["aud", "jti"] {
+        let mut c = claims();
+        c.as_object_mut().expect("object").remove(field);
+        assert_eq!(
+            refused(&server, &sign(&key, &c)).await["code"],
+            "token_invalid",
+            "without {field}"
+        );
+    }
+    let mut iss = claims();
+    iss["iss"] = json!("someone-else");
+    assert_eq!(
+        refused(&server, &sign(&key, &iss)).await["code"],
+        "token_invalid"
+    );
+
+    // Not yet valid (nbf in the future, beyond the leeway).
+    let mut nbf = claims();
+    nbf["nbf"] = json!(now.unix_timestamp() + 3600);
+    assert_eq!(
+        refused(&server, &sign(&key, &nbf)).await["code"],
+        "too_early"
+    );
+
+    // Malformed JSON as the first message, and a join with the wrong field type.
+    let mut s = Signal::connect(&server).await;
+    s.send_text("{not json").await;
+    assert_eq!(s.recv().await["code"], "join_required");
+    let mut s = Signal::connect(&server).await;
+    s.send(json!({"type": "join", "token": 42})).await;
+    assert_eq!(s.recv().await["code"], "join_required");
+
+    // The other room never noticed.
+    other.send(json!({"type": "ping"})).await;
+    other.expect("pong").await;
+    assert_eq!(
+        server.ledger_entries(),
+        2,
+        "only the other room's opening and admission"
+    );
+}
+
+#[tokio::test]
+async fn configured_issuer_keys_are_pinned_by_kid_and_the_dev_key_is_no_longer_trusted() {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let doc = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).expect("key");
+    let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+    let jwks = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64url(pair.public_key().as_ref()), "kid": "k-2026", "alg": "EdDSA", "use": "sig"}]});
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).expect("write jwks");
+    let config = format!(
+        "[[issuers]]\nissuer = \"scheduler-test\"\njwks_file = \"{}\"\n",
+        dir.path().join("jwks.json").display()
+    );
+    std::fs::write(dir.path().join("haven.toml"), config).expect("write config");
+    let config_path = dir.path().join("haven.toml");
+    let server =
+        Server::start_with_env(&[("HAVEN_CONFIG", config_path.to_str().expect("utf-8 path"))]);
+
+    let issuer_key = EncodingKey::from_ed_der(doc.as_ref());
+    let mut c = claims();
+    c["iss"] = json!("scheduler-test");
+    let with_kid = |kid: Option<&str>| {
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&h, &c, &issuer_key).expect("sign")
+    };
+
+    assert_eq!(
+        refused(&server, &with_kid(Some("k-unknown"))).await["code"],
+        "token_invalid"
+    );
+    assert_eq!(
+        refused(&server, &with_kid(None)).await["code"],
+        "token_invalid"
+    );
+    // Production mode: the generated development key is not trusted.
+    assert!(!server.data_dir.join("dev-signing-key.pem").exists(), "no development key is made");
+    let elsewhere = Server::start();
+    let dev = elsewhere.token("sess-tok", "therapist", "t-tok-09", &[]);
+    assert_eq!(refused(&server, &dev).await["code"], "token_invalid");
+
+    let mut s = Signal::connect(&server).await;
+    s.join(&with_kid(Some("k-2026"))).await;
+    assert_eq!(s.recv().await["type"], "waiting");
+}
+
+#[tokio::test]
+async fn the_documented_node_script_mints_a_token_haven_accepts() {
+    let server = Server::start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/examples/mint-token.mjs");
+    let out = std::process::Command::new("node")
+        .arg(script)
+        .arg(server.data_dir.join("dev-signing-key.pem"))
+        .args(["sess-doc", "therapist", "t-doc-01"])
+        .output()
+        .expect("node runs (the test command installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).expect("utf-8");
+
+    let mut s = Signal::connect(&server).await;
+    s.join(token.trim()).await;
+    let joined = s.expect("joined").await;
+    assert_eq!(joined["session"]["id"], "sess-doc");
 }

@@ -23,6 +23,10 @@ pub enum LeaveReason {
     ServerShutdown,
     /// A therapist denied entry from the waiting room.
     Denied,
+    /// The scheduling system revoked the participant's token.
+    TokenRevoked,
+    /// A sponsor's stay ends when the client they accompany leaves.
+    SponsoredClientLeft,
 }
 
 impl LeaveReason {
@@ -34,6 +38,8 @@ impl LeaveReason {
             LeaveReason::SessionEnded => "session_ended",
             LeaveReason::ServerShutdown => "server_shutdown",
             LeaveReason::Denied => "denied",
+            LeaveReason::TokenRevoked => "token_revoked",
+            LeaveReason::SponsoredClientLeft => "sponsored_client_left",
         }
     }
 }

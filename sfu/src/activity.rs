@@ -47,6 +47,11 @@ impl MediaActivity {
         None
     }
 
+    /// The last packet's time while media is flowing; `None` when it is not.
+    pub fn last_flowing_packet(&self) -> Option<Instant> {
+        self.last_packet.filter(|_| self.flowing)
+    }
+
     /// When [`MediaActivity::poll`] must next run.
     pub fn deadline(&self) -> Option<Instant> {
         self.flowing

@@ -212,6 +212,10 @@ pub(crate) enum RoomCommand {
     RemoveParticipant {
         id: ParticipantId,
     },
+    SetAudioMuted {
+        id: ParticipantId,
+        muted: bool,
+    },
     Stats {
         reply: oneshot::Sender<RoomStats>,
     },
@@ -280,9 +284,15 @@ impl RoomHandle {
             .await;
     }
 
-    /// Removes a participant: closes both connections and stops forwarding their tracks.
+    /// Removes a participant: closes both connections and stops forwarding their tracks. If
+    /// their media was flowing, a `MediaStopped` dated at their last packet follows.
     pub async fn remove_participant(&self, id: ParticipantId) {
         let _ = self.tx.send(RoomCommand::RemoveParticipant { id }).await;
+    }
+
+    /// Stops (or resumes) forwarding a participant's audio to everyone.
+    pub async fn set_audio_muted(&self, id: ParticipantId, muted: bool) {
+        let _ = self.tx.send(RoomCommand::SetAudioMuted { id, muted }).await;
     }
 
     pub async fn stats(&self) -> Result<RoomStats, SfuError> {

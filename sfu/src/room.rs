@@ -128,6 +128,8 @@ struct Participant {
     negotiation: u64,
     pending_offer: Option<(u64, SdpPendingOffer)>,
     activity: MediaActivity,
+    /// Muted by a therapist: the room drops this participant's audio.
+    audio_muted: bool,
 }
 
 impl Participant {
@@ -255,6 +257,11 @@ impl Room {
                 self.remote_candidate(&id, side, &candidate);
             }
             RoomCommand::RemoveParticipant { id } => self.remove_participant(&id),
+            RoomCommand::SetAudioMuted { id, muted } => {
+                if let Some(i) = self.index(&id) {
+                    self.participants[i].audio_muted = muted;
+                }
+            }
             RoomCommand::Stats { reply } => {
                 let mut stats = self.stats.clone();
                 stats.participants = self.participants.len();
@@ -295,6 +302,7 @@ impl Room {
             negotiation: 0,
             pending_offer: None,
             activity: MediaActivity::default(),
+            audio_muted: false,
         };
         tracing::debug!(session_id = %self.ctx.session, participant_id = %participant.id, "participant added to room");
         self.participants.push(participant);
@@ -366,6 +374,13 @@ impl Room {
     fn remove_participant(&mut self, id: &ParticipantId) {
         let Some(i) = self.index(id) else { return };
         let mut gone = self.participants.remove(i);
+        if let Some(last) = gone.activity.last_flowing_packet() {
+            let at = self.clock.system(last);
+            self.emit(RoomEvent::MediaStopped {
+                participant: gone.id.clone(),
+                last_packet_at: at,
+            });
+        }
         gone.publish.rtc.disconnect();
         gone.subscribe.rtc.disconnect();
         let _ = self.ctx.demux.send(DemuxControl::Unregister {
@@ -635,6 +650,9 @@ impl Room {
         };
         let is_keyframe = codec == Codec::Vp8 && is_vp8_keyframe_start(&pkt.payload);
         let publisher_id = publisher.id.clone();
+        if publisher.audio_muted && codec == Codec::Opus {
+            return;
+        }
 
         // Only extensions that describe the media itself travel on; mid, rid and transport
         // fields belong to the publisher's connection and would mislead the subscriber.

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::error::{ErrorCode, SignalError};
 use crate::protocol::{ClientMsg, PcName, ServerMsg};
-use crate::session::{SessionCmd, SessionHandle};
+use crate::session::{SessionCmd, SessionHandle, TherapistAction};
 use crate::ServerState;
 
 /// The first message must arrive within this time.
@@ -52,6 +52,16 @@ struct Conn {
     conn: ConnId,
 }
 
+/// How a joined connection's relay ended.
+enum Ending {
+    /// The participant said `leave`.
+    Left,
+    /// The socket closed or broke.
+    Lost,
+    /// The session sent `left` (or dropped the outbox) and the socket was closed.
+    ClosedByServer,
+}
+
 /// Where a connection stands once joined.
 struct Joined {
     who: ParticipantId,
@@ -77,14 +87,14 @@ impl Conn {
             session,
             mut outbox_rx,
         } = joined;
-        let reason = self.relay(&who, &session, &mut outbox_rx).await;
-        session
-            .send(SessionCmd::Leave {
-                who,
-                conn: self.conn,
-                reason,
-            })
-            .await;
+        let conn = self.conn;
+        let cmd = match self.relay(&who, &session, &mut outbox_rx).await {
+            Ending::Left => SessionCmd::Leave { who, conn },
+            // Closed by the server (removed, replaced, ended): the session knows already, and
+            // ignores this because the stay is gone or belongs to another connection now.
+            Ending::Lost | Ending::ClosedByServer => SessionCmd::Disconnected { who, conn },
+        };
+        session.send(cmd).await;
     }
 
     /// Waits for `join`, verifies the token and hands the connection to its session.
@@ -105,8 +115,8 @@ impl Conn {
                 ))
             }
         };
-        let token = match ClientMsg::parse(&first) {
-            Ok(ClientMsg::Join { token }) => token,
+        let (token, resume) = match ClientMsg::parse(&first) {
+            Ok(ClientMsg::Join { token, resume }) => (token, resume),
             Ok(_) => {
                 return Err(SignalError::new(
                     ErrorCode::JoinRequired,
@@ -140,6 +150,7 @@ impl Conn {
             let (reply, rx) = oneshot::channel();
             let cmd = SessionCmd::Join {
                 grant: grant.clone(),
+                resume: resume.clone(),
                 conn: self.conn,
                 outbox,
                 reply,
@@ -162,49 +173,49 @@ impl Conn {
         Err(SignalError::internal(&"session closed during join"))
     }
 
-    /// Relays until the stay ends; returns why it ended.
+    /// Relays until the stay ends; returns how it ended.
     async fn relay(
         &mut self,
         who: &ParticipantId,
         session: &SessionHandle,
         outbox: &mut mpsc::Receiver<ServerMsg>,
-    ) -> LeaveReason {
+    ) -> Ending {
         loop {
             tokio::select! {
                 out = outbox.recv() => {
-                    let Some(msg) = out else { return LeaveReason::ConnectionLost };
+                    let Some(msg) = out else { return Ending::ClosedByServer };
                     let ends = matches!(msg, ServerMsg::Left { .. });
                     if self.send(&msg).await.is_err() {
-                        return LeaveReason::ConnectionLost;
+                        return Ending::Lost;
                     }
                     if ends {
                         self.close(CLOSE_NORMAL, "left").await;
-                        return LeaveReason::ConnectionLost;
+                        return Ending::ClosedByServer;
                     }
                 }
                 incoming = self.socket.recv() => {
                     let text = match incoming {
                         Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return LeaveReason::ConnectionLost,
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ending::Lost,
                         Some(Ok(_)) => continue,
                     };
                     match ClientMsg::parse(&text) {
                         Ok(ClientMsg::Leave) => {
                             let _ = self.send(&ServerMsg::Left { reason: LeaveReason::Left.as_str() }).await;
                             self.close(CLOSE_NORMAL, "left").await;
-                            return LeaveReason::Left;
+                            return Ending::Left;
                         }
                         Ok(msg) => {
                             if let Err(e) = self.dispatch(who, session, msg).await {
                                 if self.send(&ServerMsg::from(&e)).await.is_err() || e.code.closes_socket() {
                                     self.close(CLOSE_INTERNAL, e.code.as_str()).await;
-                                    return LeaveReason::ConnectionLost;
+                                    return Ending::Lost;
                                 }
                             }
                         }
                         Err(e) => {
                             if self.send(&ServerMsg::from(&e)).await.is_err() {
-                                return LeaveReason::ConnectionLost;
+                                return Ending::Lost;
                             }
                         }
                     }
@@ -277,19 +288,50 @@ impl Conn {
                 Ok(())
             }
             ClientMsg::Admit { participant_id } => {
-                let (reply, rx) = oneshot::channel();
-                let cmd = SessionCmd::Admit {
-                    by: who.clone(),
+                Self::therapist(conn, who, session, TherapistAction::Admit(participant_id)).await
+            }
+            ClientMsg::Deny { participant_id } => {
+                Self::therapist(conn, who, session, TherapistAction::Deny(participant_id)).await
+            }
+            ClientMsg::Mute {
+                participant_id,
+                muted,
+            } => {
+                Self::therapist(
                     conn,
-                    target: participant_id,
-                    reply,
-                };
-                if !session.send(cmd).await {
-                    return Err(closed());
-                }
-                rx.await.map_err(|_| closed())?
+                    who,
+                    session,
+                    TherapistAction::Mute(participant_id, muted),
+                )
+                .await
+            }
+            ClientMsg::Remove { participant_id } => {
+                Self::therapist(conn, who, session, TherapistAction::Remove(participant_id)).await
+            }
+            ClientMsg::EndSession => {
+                Self::therapist(conn, who, session, TherapistAction::End).await
             }
         }
+    }
+
+    async fn therapist(
+        conn: ConnId,
+        who: &ParticipantId,
+        session: &SessionHandle,
+        action: TherapistAction,
+    ) -> Result<(), SignalError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = SessionCmd::Therapist {
+            by: who.clone(),
+            conn,
+            action,
+            reply,
+        };
+        if !session.send(cmd).await {
+            return Err(SignalError::internal(&"session closed"));
+        }
+        rx.await
+            .map_err(|_| SignalError::internal(&"session closed"))?
     }
 
     async fn send(&mut self, msg: &ServerMsg) -> Result<(), axum::Error> {

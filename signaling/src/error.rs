@@ -16,6 +16,11 @@ pub enum ErrorCode {
     SessionOver,
     WrongAudience,
     RoleNotAllowed,
+    SponsorNotAllowed,
+    TokenRevoked,
+    SessionFull,
+    ClientNotPresent,
+    Unauthorized,
     AlreadyJoined,
     NotAdmitted,
     Forbidden,
@@ -38,6 +43,11 @@ impl ErrorCode {
             ErrorCode::SessionOver => "session_over",
             ErrorCode::WrongAudience => "wrong_audience",
             ErrorCode::RoleNotAllowed => "role_not_allowed",
+            ErrorCode::SponsorNotAllowed => "sponsor_not_allowed",
+            ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::SessionFull => "session_full",
+            ErrorCode::ClientNotPresent => "client_not_present",
+            ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::AlreadyJoined => "already_joined",
             ErrorCode::NotAdmitted => "not_admitted",
             ErrorCode::Forbidden => "forbidden",
@@ -62,6 +72,8 @@ impl ErrorCode {
                 | ErrorCode::SessionOver
                 | ErrorCode::WrongAudience
                 | ErrorCode::RoleNotAllowed
+                | ErrorCode::SponsorNotAllowed
+                | ErrorCode::TokenRevoked
                 | ErrorCode::Internal
         )
     }

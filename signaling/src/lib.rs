@@ -7,13 +7,19 @@
 //! - `session`: one actor per scheduled session: waiting room, admission, the ledger events.
 //! - `router`: finds (or opens) a session's actor; in process on one node.
 //! - `token`: join tokens and the rules that check them.
+//! - `permission`: the table of who may do what.
+//! - `revocation`: tokens that may no longer join (removed people, revocations).
+//! - `api`: the HTTP API for the scheduling system (revocations).
 //! - `protocol`: the message types of `docs/protocol.md`.
 //! - `error`: the one error type, with stable codes.
 //! - `web`: the embedded web client and its security headers.
 
+mod api;
 mod conn;
 mod error;
+pub mod permission;
 pub mod protocol;
+pub mod revocation;
 mod router;
 mod session;
 pub mod token;
@@ -30,7 +36,7 @@ use axum::Router;
 
 pub use error::{ErrorCode, SignalError};
 pub use router::RouterHandle;
-pub use session::SessionDeps;
+pub use session::{Capacity, SessionDeps, SessionPolicy};
 pub use token::{JoinClaims, JoinGrant, SessionClaim, TokenRules, TokenVerifier, TrustedKey};
 
 /// Largest WebSocket message accepted. An SDP offer of a browser is a few kilobytes.
@@ -40,6 +46,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub struct ServerState {
     pub tokens: TokenVerifier,
     pub router: RouterHandle,
+    pub revocations: Arc<revocation::RevocationList>,
     next_conn: AtomicU64,
     ready: AtomicBool,
 }
@@ -48,6 +55,7 @@ impl ServerState {
     pub fn new(tokens: TokenVerifier, deps: SessionDeps) -> Arc<ServerState> {
         Arc::new(ServerState {
             tokens,
+            revocations: deps.revocations.clone(),
             router: RouterHandle::spawn(deps),
             next_conn: AtomicU64::new(1),
             ready: AtomicBool::new(true),
@@ -65,6 +73,7 @@ pub fn app(state: Arc<ServerState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/ws", get(ws))
+        .route("/api/v1/revocations", axum::routing::post(api::revoke))
         .route("/", get(web::index))
         .route("/join", get(web::index))
         .fallback(get(web::static_file))

@@ -21,11 +21,36 @@ pub enum PcName {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMsg {
-    Join { token: String },
-    PublishOffer { sdp: String },
-    SubscribeAnswer { negotiation: u64, sdp: String },
-    Candidate { pc: PcName, candidate: String },
-    Admit { participant_id: String },
+    Join {
+        token: String,
+        #[serde(default)]
+        resume: Option<String>,
+    },
+    PublishOffer {
+        sdp: String,
+    },
+    SubscribeAnswer {
+        negotiation: u64,
+        sdp: String,
+    },
+    Candidate {
+        pc: PcName,
+        candidate: String,
+    },
+    Admit {
+        participant_id: String,
+    },
+    Deny {
+        participant_id: String,
+    },
+    Mute {
+        participant_id: String,
+        muted: bool,
+    },
+    Remove {
+        participant_id: String,
+    },
+    EndSession,
     Leave,
     Ping,
 }
@@ -36,6 +61,10 @@ const CLIENT_TYPES: &[&str] = &[
     "subscribe_answer",
     "candidate",
     "admit",
+    "deny",
+    "mute",
+    "remove",
+    "end_session",
     "leave",
     "ping",
 ];
@@ -83,6 +112,8 @@ pub struct SessionView {
 pub struct PeerView {
     pub participant_id: ParticipantId,
     pub role: Role,
+    pub display_name: Option<String>,
+    pub muted: bool,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -103,6 +134,11 @@ pub enum ServerMsg {
         role: Role,
         session: SessionView,
         participants: Vec<PeerView>,
+        display_name: Option<String>,
+        resume_token: String,
+        resume_grace_seconds: u64,
+        resumed: bool,
+        muted: bool,
     },
     Waiting {
         session: SessionView,
@@ -118,6 +154,13 @@ pub enum ServerMsg {
     ParticipantLeft {
         participant_id: ParticipantId,
         reason: &'static str,
+    },
+    Muted {
+        muted: bool,
+    },
+    ParticipantMuted {
+        participant_id: ParticipantId,
+        muted: bool,
     },
     PublishAnswer {
         sdp: String,

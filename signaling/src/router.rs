@@ -9,13 +9,17 @@ use std::collections::HashMap;
 use haven_ids::SessionId;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::session::{self, SessionDeps, SessionHandle};
+use crate::revocation::Revoked;
+use crate::session::{self, SessionCmd, SessionDeps, SessionHandle};
 use crate::token::JoinGrant;
 
 enum RouterCmd {
     Session {
         grant: JoinGrant,
         reply: oneshot::Sender<SessionHandle>,
+    },
+    Revoke {
+        what: Revoked,
     },
     Count {
         reply: oneshot::Sender<usize>,
@@ -47,6 +51,11 @@ impl RouterHandle {
         rx.await.ok()
     }
 
+    /// Tells the sessions a revocation names, so they disconnect whoever holds it.
+    pub async fn revoke(&self, what: Revoked) {
+        let _ = self.tx.send(RouterCmd::Revoke { what }).await;
+    }
+
     /// How many sessions are open on this node.
     pub async fn open_sessions(&self) -> usize {
         let (reply, rx) = oneshot::channel();
@@ -69,6 +78,20 @@ async fn run(deps: SessionDeps, mut rx: mpsc::Receiver<RouterCmd>) {
                     .or_insert_with(|| session::spawn(&grant, deps.clone()))
                     .clone();
                 let _ = reply.send(handle);
+            }
+            RouterCmd::Revoke { what } => {
+                let targets: Vec<SessionHandle> = match &what {
+                    Revoked::Subject { session, .. } => {
+                        sessions.get(session).cloned().into_iter().collect()
+                    }
+                    Revoked::Token { .. } => sessions.values().cloned().collect(),
+                };
+                for s in targets {
+                    // Sessions are independent: a slow one must not hold the router, so each
+                    // gets its notice from a task of its own.
+                    let what = what.clone();
+                    tokio::spawn(async move { s.send(SessionCmd::Revoke { what }).await });
+                }
             }
             RouterCmd::Count { reply } => {
                 let _ = reply.send(sessions.len());

@@ -2,10 +2,17 @@
 //!
 //! Each session is an actor task. Connections send it typed commands; the media room sends
 //! it [`sfu::RoomEvent`]s. It is the only writer of the session's attendance events, so
-//! their order in the ledger is the order in which the session saw them. Every event is
-//! durable before the person it concerns is told about it.
+//! their order in the ledger is the order in which the session saw them, and admission is
+//! atomic: capacity is checked and taken in one step of one task. Every event is durable
+//! before the person it concerns is told about it.
+//!
+//! A stay survives a lost connection for the resume grace period: the member stays in the
+//! room, and a `join` carrying their resume token (or a second tab while the first is still
+//! open) takes the stay over. Every command names the connection it came from, so a late
+//! close from an old connection never ends the stay of the new one.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use attendance::{Event, EventKind, LeaveReason, LedgerHandle};
@@ -15,48 +22,112 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ErrorCode, SignalError};
+use crate::permission::{self, Action};
 use crate::protocol::{PeerView, ServerMsg, SessionView, TrackView, PROTOCOL_VERSION};
-use crate::token::JoinGrant;
+use crate::revocation::{RevocationList, Revoked};
+use crate::token::{Admission, AgeGroup, JoinGrant};
 
 /// A session with nobody in it stays open this long, so a quick reconnect finds it.
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+/// How many people each kind of session holds, therapists included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub individual: usize,
+    pub group: usize,
+    pub family: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            individual: 4,
+            group: 15,
+            family: 10,
+        }
+    }
+}
+
+impl Capacity {
+    fn of(&self, kind: SessionKind) -> usize {
+        let n = match kind {
+            SessionKind::Individual => self.individual,
+            SessionKind::Group => self.group,
+            SessionKind::Family => self.family,
+        };
+        // A room of the media plane never holds more than its own maximum.
+        n.min(16)
+    }
+}
+
+/// Lifecycle settings shared by all sessions of a node.
+#[derive(Clone, Debug)]
+pub struct SessionPolicy {
+    pub capacity: Capacity,
+    /// How long a stay survives a lost connection, waiting for a resume.
+    pub resume_grace: Duration,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        SessionPolicy {
+            capacity: Capacity::default(),
+            resume_grace: Duration::from_secs(60),
+        }
+    }
+}
 
 /// What a session needs from the rest of the server.
 #[derive(Clone)]
 pub struct SessionDeps {
     pub sfu: Sfu,
     pub ledger: LedgerHandle,
+    pub revocations: Arc<RevocationList>,
+    pub policy: SessionPolicy,
 }
 
 /// Where a session sends a connection's messages. Bounded: a client that stops reading
 /// loses messages rather than holding the session up.
 pub type Outbox = mpsc::Sender<ServerMsg>;
 
+type Reply<T> = oneshot::Sender<Result<T, SignalError>>;
+
+/// What only a therapist may do.
+#[derive(Debug)]
+pub enum TherapistAction {
+    Admit(String),
+    Deny(String),
+    Mute(String, bool),
+    Remove(String),
+    End,
+}
+
 pub enum SessionCmd {
     Join {
         grant: JoinGrant,
+        resume: Option<String>,
         conn: ConnId,
         outbox: Outbox,
-        reply: oneshot::Sender<Result<(), SignalError>>,
+        reply: Reply<()>,
     },
-    Admit {
+    Therapist {
         by: ParticipantId,
         conn: ConnId,
-        target: String,
-        reply: oneshot::Sender<Result<(), SignalError>>,
+        action: TherapistAction,
+        reply: Reply<()>,
     },
     PublishOffer {
         from: ParticipantId,
         conn: ConnId,
         sdp: String,
-        reply: oneshot::Sender<Result<String, SignalError>>,
+        reply: Reply<String>,
     },
     SubscribeAnswer {
         from: ParticipantId,
         conn: ConnId,
         negotiation: u64,
         sdp: String,
-        reply: oneshot::Sender<Result<(), SignalError>>,
+        reply: Reply<()>,
     },
     Candidate {
         from: ParticipantId,
@@ -64,11 +135,12 @@ pub enum SessionCmd {
         side: PcSide,
         candidate: String,
     },
-    Leave {
-        who: ParticipantId,
-        conn: ConnId,
-        reason: LeaveReason,
-    },
+    /// The participant said `leave`.
+    Leave { who: ParticipantId, conn: ConnId },
+    /// The participant's socket closed without `leave`.
+    Disconnected { who: ParticipantId, conn: ConnId },
+    /// A revocation from the scheduling system; members it names are disconnected.
+    Revoke { what: Revoked },
 }
 
 #[derive(Clone)]
@@ -96,10 +168,14 @@ pub fn spawn(grant: &JoinGrant, deps: SessionDeps) -> SessionHandle {
         starts_at: grant.starts_at,
         ends_at: grant.ends_at,
         program: grant.program.clone(),
+        admission: grant.admission,
         room,
         ledger: deps.ledger,
+        revocations: deps.revocations,
+        policy: deps.policy,
         members: HashMap::new(),
         opened_in_ledger: false,
+        ended: false,
     };
     tracing::info!(session_id = %session.id, kind = %session.kind, "session opened");
     tokio::spawn(session.run(rx, room_events));
@@ -114,13 +190,24 @@ enum Stage {
 
 struct Member {
     role: Role,
+    display_name: Option<String>,
+    token_id: String,
+    token_expires_at: OffsetDateTime,
+    sponsor_for: Option<ParticipantId>,
+    #[allow(dead_code)] // recorded for weekly requirements once the ledger takes it
+    age_group: Option<AgeGroup>,
+    /// The connection that holds the stay now; commands from any other are ignored.
     conn: ConnId,
-    outbox: Outbox,
+    /// `None` while the connection is lost and the stay waits for a resume.
+    outbox: Option<Outbox>,
+    disconnected_at: Option<OffsetDateTime>,
+    resume_token: String,
     stage: Stage,
     /// Whether the ledger's last media event for this member says media is flowing, and
     /// whether it ever flowed (the first start is `MediaConnected`, later ones `MediaRestored`).
     media_flowing: bool,
     media_ever: bool,
+    muted: bool,
 }
 
 struct Session {
@@ -129,10 +216,15 @@ struct Session {
     starts_at: OffsetDateTime,
     ends_at: OffsetDateTime,
     program: Option<String>,
+    admission: Admission,
     room: RoomHandle,
     ledger: LedgerHandle,
+    revocations: Arc<RevocationList>,
+    policy: SessionPolicy,
     members: HashMap<ParticipantId, Member>,
     opened_in_ledger: bool,
+    /// Ended by a therapist: nobody joins again, even after this actor closes and reopens.
+    ended: bool,
 }
 
 impl Session {
@@ -141,15 +233,34 @@ impl Session {
         mut cmds: mpsc::Receiver<SessionCmd>,
         mut room_events: mpsc::Receiver<RoomEvent>,
     ) {
+        // What the ledger already knows about this session: an actor reopened after an idle
+        // close must not open it twice, nor let anyone into a session that was ended.
+        if let Ok(entries) = self.ledger.session_events(self.id.clone()).await {
+            self.opened_in_ledger = entries
+                .iter()
+                .any(|e| matches!(e.event.kind, EventKind::SessionOpened { .. }));
+            self.ended = entries
+                .iter()
+                .any(|e| matches!(e.event.kind, EventKind::SessionEnded));
+        }
+
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut idle_since = tokio::time::Instant::now();
         loop {
-            let idle = tokio::time::sleep(IDLE_CLOSE);
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
                 Some(ev) = room_events.recv() => self.room_event(ev).await,
-                _ = idle, if self.members.is_empty() => break,
+                _ = tick.tick() => {
+                    self.expire_lost_connections().await;
+                    if !self.members.is_empty() {
+                        idle_since = tokio::time::Instant::now();
+                    } else if idle_since.elapsed() >= IDLE_CLOSE {
+                        break;
+                    }
+                }
             }
         }
         tracing::info!(session_id = %self.id, "session closed");
@@ -170,6 +281,13 @@ impl Session {
             .any(|m| m.role == Role::Therapist && m.stage == Stage::Admitted)
     }
 
+    fn admitted_count(&self) -> usize {
+        self.members
+            .values()
+            .filter(|m| m.stage == Stage::Admitted)
+            .count()
+    }
+
     /// Checks that a command comes from the connection that currently holds the member.
     fn member_of(&self, who: &ParticipantId, conn: ConnId) -> Result<&Member, SignalError> {
         match self.members.get(who) {
@@ -181,11 +299,22 @@ impl Session {
         }
     }
 
+    fn admitted(&self, who: &ParticipantId, conn: ConnId) -> Result<(), SignalError> {
+        match self.member_of(who, conn)?.stage {
+            Stage::Admitted => Ok(()),
+            Stage::Waiting => Err(SignalError::new(
+                ErrorCode::NotAdmitted,
+                "Wait until the therapist lets you in.",
+            )),
+        }
+    }
+
     fn send_to(&self, who: &ParticipantId, msg: ServerMsg) {
-        if let Some(m) = self.members.get(who) {
-            if m.outbox.try_send(msg).is_err() {
-                tracing::warn!(session_id = %self.id, participant_id = %who, "outbox full, message dropped");
-            }
+        let Some(outbox) = self.members.get(who).and_then(|m| m.outbox.as_ref()) else {
+            return;
+        };
+        if outbox.try_send(msg).is_err() {
+            tracing::warn!(session_id = %self.id, participant_id = %who, "outbox full, message dropped");
         }
     }
 
@@ -194,6 +323,15 @@ impl Session {
             if id != except && m.stage == Stage::Admitted {
                 self.send_to(id, msg.clone());
             }
+        }
+    }
+
+    fn peer_view(id: &ParticipantId, m: &Member) -> PeerView {
+        PeerView {
+            participant_id: id.clone(),
+            role: m.role,
+            display_name: m.display_name.clone(),
+            muted: m.muted,
         }
     }
 
@@ -240,19 +378,20 @@ impl Session {
         match cmd {
             SessionCmd::Join {
                 grant,
+                resume,
                 conn,
                 outbox,
                 reply,
             } => {
-                let _ = reply.send(self.join(grant, conn, outbox).await);
+                let _ = reply.send(self.join(grant, resume, conn, outbox).await);
             }
-            SessionCmd::Admit {
+            SessionCmd::Therapist {
                 by,
                 conn,
-                target,
+                action,
                 reply,
             } => {
-                let _ = reply.send(self.admit_by(&by, conn, &target).await);
+                let _ = reply.send(self.therapist(&by, conn, action).await);
             }
             SessionCmd::PublishOffer {
                 from,
@@ -297,105 +436,283 @@ impl Session {
                     self.room.remote_candidate(from, side, candidate).await;
                 }
             }
-            SessionCmd::Leave { who, conn, reason } => self.leave(&who, conn, reason).await,
-        }
-    }
-
-    fn admitted(&self, who: &ParticipantId, conn: ConnId) -> Result<(), SignalError> {
-        match self.member_of(who, conn)?.stage {
-            Stage::Admitted => Ok(()),
-            Stage::Waiting => Err(SignalError::new(
-                ErrorCode::NotAdmitted,
-                "Wait until the therapist lets you in.",
-            )),
+            SessionCmd::Leave { who, conn } => {
+                if self.member_of(&who, conn).is_ok() {
+                    self.finish(&who, LeaveReason::Left, OffsetDateTime::now_utc(), false)
+                        .await;
+                }
+            }
+            SessionCmd::Disconnected { who, conn } => self.disconnected(&who, conn).await,
+            SessionCmd::Revoke { what } => self.revoke(what).await,
         }
     }
 
     async fn join(
         &mut self,
         grant: JoinGrant,
+        resume: Option<String>,
         conn: ConnId,
         outbox: Outbox,
     ) -> Result<(), SignalError> {
+        if self.ended {
+            return Err(SignalError::new(
+                ErrorCode::SessionOver,
+                "This session has been ended by the therapist.",
+            ));
+        }
+        if self
+            .revocations
+            .is_revoked(&grant.token_id, &self.id, &grant.participant)
+        {
+            return Err(SignalError::new(
+                ErrorCode::TokenRevoked,
+                "This join link can no longer be used. Contact your program if you think this is a mistake.",
+            ));
+        }
         let who = grant.participant.clone();
 
-        // The same person opening the link again (a reloaded tab) takes over from the old
-        // connection; the old one is told and closed.
-        if let Some(old) = self.members.get(&who) {
-            let old_conn = old.conn;
-            let _ = old.outbox.try_send(ServerMsg::Left { reason: "replaced" });
-            self.leave(&who, old_conn, LeaveReason::ConnectionLost)
+        if let Some(m) = self.members.get(&who) {
+            let connected = m.outbox.is_some();
+            let resumes = resume
+                .as_deref()
+                .is_some_and(|r| constant_time_eq(r.as_bytes(), m.resume_token.as_bytes()));
+            if connected || resumes {
+                return self.take_over(&who, conn, outbox).await;
+            }
+            // The old connection is gone and this join does not prove it continues that
+            // stay: the old stay ends where its connection was lost.
+            let at = m.disconnected_at.unwrap_or_else(OffsetDateTime::now_utc);
+            self.finish(&who, LeaveReason::ConnectionLost, at, false)
                 .await;
         }
 
         let member = Member {
             role: grant.role,
+            display_name: grant.display_name,
+            token_id: grant.token_id,
+            token_expires_at: grant.expires_at,
+            sponsor_for: grant.sponsor_for,
+            age_group: grant.age_group,
             conn,
-            outbox,
+            outbox: Some(outbox),
+            disconnected_at: None,
+            resume_token: new_resume_token(),
             stage: Stage::Waiting,
             media_flowing: false,
             media_ever: false,
+            muted: false,
         };
         self.members.insert(who.clone(), member);
 
         if grant.role == Role::Therapist {
-            if let Err(e) = self.admit(&who).await {
+            if let Err(e) = self.admit(&who, false).await {
                 self.members.remove(&who);
                 return Err(e);
             }
-            // Waiting people learn that their therapist has arrived.
+            if self.admission == Admission::Auto {
+                self.admit_waiting().await;
+            }
             self.notify_waiting();
-        } else {
-            self.send_to(
-                &who,
-                ServerMsg::Waiting {
-                    session: self.view(),
-                    therapist_present: self.therapist_present(),
-                },
-            );
             self.notify_waiting_list();
+            return Ok(());
         }
-        Ok(())
-    }
 
-    async fn admit_by(
-        &mut self,
-        by: &ParticipantId,
-        conn: ConnId,
-        target: &str,
-    ) -> Result<(), SignalError> {
-        let m = self.member_of(by, conn)?;
-        if m.role != Role::Therapist || m.stage != Stage::Admitted {
-            return Err(SignalError::new(
-                ErrorCode::Forbidden,
-                "Only the therapist can let people in.",
-            ));
+        if self.admission == Admission::Auto
+            && self.therapist_present()
+            && self.admit(&who, false).await.is_ok()
+        {
+            self.notify_waiting_list();
+            return Ok(());
         }
-        let target = ParticipantId::parse(target)
-            .ok()
-            .filter(|t| {
-                self.members
-                    .get(t)
-                    .is_some_and(|m| m.stage == Stage::Waiting)
-            })
-            .ok_or_else(|| {
-                SignalError::new(
-                    ErrorCode::UnknownParticipant,
-                    "Nobody with that id is waiting.",
-                )
-            })?;
-        self.admit(&target).await?;
+        self.send_to(
+            &who,
+            ServerMsg::Waiting {
+                session: self.view(),
+                therapist_present: self.therapist_present(),
+            },
+        );
         self.notify_waiting_list();
         Ok(())
     }
 
-    /// Moves a member into the room: ledger first, then media, then everyone is told.
-    async fn admit(&mut self, who: &ParticipantId) -> Result<(), SignalError> {
-        let role = self
+    /// A new connection continues an existing stay (second tab, or resume after a drop).
+    async fn take_over(
+        &mut self,
+        who: &ParticipantId,
+        conn: ConnId,
+        outbox: Outbox,
+    ) -> Result<(), SignalError> {
+        let Some(m) = self.members.get_mut(who) else {
+            return Err(SignalError::internal(&"take over of unknown member"));
+        };
+        if let Some(old) = m.outbox.replace(outbox) {
+            let _ = old.try_send(ServerMsg::Left { reason: "replaced" });
+        }
+        m.conn = conn;
+        m.disconnected_at = None;
+        let stage = m.stage;
+        tracing::info!(session_id = %self.id, participant_id = %who, "stay continued on a new connection");
+
+        match stage {
+            Stage::Waiting => {
+                self.send_to(
+                    who,
+                    ServerMsg::Waiting {
+                        session: self.view(),
+                        therapist_present: self.therapist_present(),
+                    },
+                );
+            }
+            Stage::Admitted => {
+                // The browser negotiates afresh; its old connections are dropped. If their
+                // media was flowing, the room reports it stopped at its last packet, so the
+                // gap until the new media flows is not credited.
+                self.room.remove_participant(who.clone()).await;
+                self.room.add_participant(who.clone()).await?;
+                self.send_joined(who, true);
+            }
+        }
+        Ok(())
+    }
+
+    async fn admit_waiting(&mut self) {
+        let waiting: Vec<ParticipantId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.stage == Stage::Waiting)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            // People who cannot be admitted yet (full, sponsor without client) keep waiting.
+            let _ = self.admit(&id, false).await;
+        }
+    }
+
+    async fn therapist(
+        &mut self,
+        by: &ParticipantId,
+        conn: ConnId,
+        action: TherapistAction,
+    ) -> Result<(), SignalError> {
+        let m = self.member_of(by, conn)?;
+        let needed = match action {
+            TherapistAction::Admit(_) => Action::Admit,
+            TherapistAction::Deny(_) => Action::Deny,
+            TherapistAction::Mute(..) => Action::Mute,
+            TherapistAction::Remove(_) => Action::Remove,
+            TherapistAction::End => Action::EndSession,
+        };
+        if !permission::allowed(m.role, needed) || m.stage != Stage::Admitted {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                "Only the therapist can do that.",
+            ));
+        }
+        match action {
+            TherapistAction::Admit(target) => {
+                let target = self.target(&target, Some(Stage::Waiting))?;
+                self.admit(&target, true).await?;
+                self.notify_waiting_list();
+            }
+            TherapistAction::Deny(target) => {
+                let target = self.target(&target, Some(Stage::Waiting))?;
+                tracing::info!(session_id = %self.id, participant_id = %target, "participant denied");
+                self.finish(
+                    &target,
+                    LeaveReason::Denied,
+                    OffsetDateTime::now_utc(),
+                    true,
+                )
+                .await;
+            }
+            TherapistAction::Mute(target, muted) => {
+                let target = self.target(&target, Some(Stage::Admitted))?;
+                self.room.set_audio_muted(target.clone(), muted).await;
+                if let Some(m) = self.members.get_mut(&target) {
+                    m.muted = muted;
+                }
+                tracing::info!(session_id = %self.id, participant_id = %target, muted, "participant mute changed");
+                self.send_to(&target, ServerMsg::Muted { muted });
+                self.broadcast_admitted(
+                    &target,
+                    ServerMsg::ParticipantMuted {
+                        participant_id: target.clone(),
+                        muted,
+                    },
+                );
+            }
+            TherapistAction::Remove(target) => {
+                let target = self.target(&target, None)?;
+                if let Some(m) = self.members.get(&target) {
+                    // Remembered for the token's whole life, so neither the same link nor a
+                    // resume brings them back.
+                    let what = Revoked::Token {
+                        jti: m.token_id.clone(),
+                    };
+                    if let Err(e) = self.revocations.revoke(what, m.token_expires_at) {
+                        return Err(SignalError::internal(&e));
+                    }
+                }
+                tracing::info!(session_id = %self.id, participant_id = %target, "participant removed");
+                self.finish(
+                    &target,
+                    LeaveReason::Removed,
+                    OffsetDateTime::now_utc(),
+                    true,
+                )
+                .await;
+            }
+            TherapistAction::End => self.end(by).await?,
+        }
+        Ok(())
+    }
+
+    /// A participant a therapist's action names, in the given stage (any stage when `None`).
+    fn target(&self, id: &str, stage: Option<Stage>) -> Result<ParticipantId, SignalError> {
+        ParticipantId::parse(id)
+            .ok()
+            .filter(|t| {
+                self.members
+                    .get(t)
+                    .is_some_and(|m| stage.is_none_or(|s| m.stage == s))
+            })
+            .ok_or_else(|| {
+                SignalError::new(
+                    ErrorCode::UnknownParticipant,
+                    "Nobody with that id is in that state.",
+                )
+            })
+    }
+
+    /// Moves a member into the room: checks, ledger first, then media, then everyone is told.
+    async fn admit(&mut self, who: &ParticipantId, by_therapist: bool) -> Result<(), SignalError> {
+        let m = self
             .members
             .get(who)
-            .map(|m| m.role)
             .ok_or_else(|| SignalError::internal(&"admit of unknown member"))?;
+        let role = m.role;
+
+        let capacity = self.policy.capacity.of(self.kind);
+        if self.admitted_count() >= capacity {
+            return Err(SignalError::new(
+                ErrorCode::SessionFull,
+                format!("This session already has its maximum of {capacity} people."),
+            ));
+        }
+        if let Some(client) = &m.sponsor_for {
+            let present = self
+                .members
+                .get(client)
+                .is_some_and(|c| c.stage == Stage::Admitted);
+            if !present {
+                let _ = by_therapist;
+                return Err(SignalError::new(
+                    ErrorCode::ClientNotPresent,
+                    "A sponsor can join only while the client they accompany is in the session.",
+                ));
+            }
+        }
+
         self.room.add_participant(who.clone()).await?;
         if let Err(e) = self
             .record(
@@ -413,69 +730,200 @@ impl Session {
         }
         tracing::info!(session_id = %self.id, participant_id = %who, role = %role, "participant admitted");
 
+        self.send_joined(who, false);
+        let view = self.members.get(who).map(|m| Self::peer_view(who, m));
+        if let Some(PeerView { role, .. }) = view {
+            self.broadcast_admitted(
+                who,
+                ServerMsg::ParticipantJoined {
+                    participant_id: who.clone(),
+                    role,
+                },
+            );
+        }
+        if role == Role::Therapist {
+            self.notify_waiting();
+        }
+        if role == Role::Client && self.admission == Admission::Auto && self.therapist_present() {
+            // A sponsor waiting for this client can come in now.
+            Box::pin(self.admit_waiting()).await;
+        }
+        Ok(())
+    }
+
+    fn send_joined(&self, who: &ParticipantId, resumed: bool) {
+        let Some(m) = self.members.get(who) else {
+            return;
+        };
         let participants = self
             .members
             .iter()
             .filter(|(id, m)| *id != who && m.stage == Stage::Admitted)
-            .map(|(id, m)| PeerView {
-                participant_id: id.clone(),
-                role: m.role,
-            })
+            .map(|(id, m)| Self::peer_view(id, m))
             .collect();
         let joined = ServerMsg::Joined {
             protocol: PROTOCOL_VERSION,
             participant_id: who.clone(),
-            role,
+            role: m.role,
             session: self.view(),
             participants,
+            display_name: m.display_name.clone(),
+            resume_token: m.resume_token.clone(),
+            resume_grace_seconds: self.policy.resume_grace.as_secs(),
+            resumed,
+            muted: m.muted,
         };
         self.send_to(who, joined);
-        self.broadcast_admitted(
-            who,
-            ServerMsg::ParticipantJoined {
-                participant_id: who.clone(),
-                role,
-            },
-        );
-        Ok(())
     }
 
-    async fn leave(&mut self, who: &ParticipantId, conn: ConnId, reason: LeaveReason) {
-        // A close from a connection that was already replaced concerns nobody.
-        if self.members.get(who).is_none_or(|m| m.conn != conn) {
+    /// Ends a member's stay for `reason`, dated `at`. With `tell`, their connection gets
+    /// `left` (and closes); otherwise it is already closing.
+    async fn finish(
+        &mut self,
+        who: &ParticipantId,
+        reason: LeaveReason,
+        at: OffsetDateTime,
+        tell: bool,
+    ) {
+        let Some(m) = self.members.get(who) else {
             return;
+        };
+        if tell {
+            if let Some(outbox) = &m.outbox {
+                let _ = outbox.try_send(ServerMsg::Left {
+                    reason: reason.as_str(),
+                });
+            }
         }
         let Some(m) = self.members.remove(who) else {
             return;
         };
 
-        if m.stage == Stage::Admitted {
-            self.room.remove_participant(who.clone()).await;
-            if let Err(e) = self
-                .record(
-                    Some((who, m.role)),
-                    EventKind::Left { reason },
-                    OffsetDateTime::now_utc(),
-                )
-                .await
-            {
-                tracing::error!(session_id = %self.id, participant_id = %who, code = e.code.as_str(), "leave not recorded");
+        if m.stage != Stage::Admitted {
+            tracing::info!(session_id = %self.id, participant_id = %who, reason = reason.as_str(), "participant left the waiting room");
+            self.notify_waiting_list();
+            return;
+        }
+
+        self.room.remove_participant(who.clone()).await;
+        if let Err(e) = self
+            .record(Some((who, m.role)), EventKind::Left { reason }, at)
+            .await
+        {
+            tracing::error!(session_id = %self.id, participant_id = %who, code = e.code.as_str(), "leave not recorded");
+        }
+        tracing::info!(session_id = %self.id, participant_id = %who, reason = reason.as_str(), "participant left");
+        self.broadcast_admitted(
+            who,
+            ServerMsg::ParticipantLeft {
+                participant_id: who.clone(),
+                reason: reason.as_str(),
+            },
+        );
+
+        match m.role {
+            Role::Therapist => self.notify_waiting(),
+            Role::Client => {
+                // Sponsors are in the room only while the client they accompany is.
+                let sponsors: Vec<ParticipantId> = self
+                    .members
+                    .iter()
+                    .filter(|(_, s)| s.sponsor_for.as_ref() == Some(who))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for s in sponsors {
+                    Box::pin(self.finish(&s, LeaveReason::SponsoredClientLeft, at, true)).await;
+                }
             }
-            tracing::info!(session_id = %self.id, participant_id = %who, reason = reason.as_str(), "participant left");
-            self.broadcast_admitted(
+            _ => {}
+        }
+    }
+
+    async fn disconnected(&mut self, who: &ParticipantId, conn: ConnId) {
+        let Some(m) = self.members.get_mut(who).filter(|m| m.conn == conn) else {
+            return;
+        };
+        if m.stage == Stage::Waiting {
+            self.finish(
                 who,
-                ServerMsg::ParticipantLeft {
-                    participant_id: who.clone(),
-                    reason: reason.as_str(),
+                LeaveReason::ConnectionLost,
+                OffsetDateTime::now_utc(),
+                false,
+            )
+            .await;
+            return;
+        }
+        // Admitted: the stay waits for a resume. Media keeps flowing if only the socket
+        // broke; if the network went, the room reports the media stop on its own.
+        m.outbox = None;
+        m.disconnected_at = Some(OffsetDateTime::now_utc());
+        tracing::info!(session_id = %self.id, participant_id = %who, "connection lost, waiting for resume");
+    }
+
+    async fn expire_lost_connections(&mut self) {
+        let grace = self.policy.resume_grace;
+        let now = OffsetDateTime::now_utc();
+        let expired: Vec<(ParticipantId, OffsetDateTime)> = self
+            .members
+            .iter()
+            .filter_map(|(id, m)| {
+                m.disconnected_at
+                    .filter(|t| now - *t >= grace)
+                    .map(|t| (id.clone(), t))
+            })
+            .collect();
+        for (id, at) in expired {
+            // The stay ended when the connection was lost, not when the grace ran out.
+            self.finish(&id, LeaveReason::ConnectionLost, at, false)
+                .await;
+        }
+    }
+
+    async fn revoke(&mut self, what: Revoked) {
+        let hit: Vec<ParticipantId> = self
+            .members
+            .iter()
+            .filter(|(id, m)| match &what {
+                Revoked::Token { jti } => &m.token_id == jti,
+                Revoked::Subject { session, subject } => session == &self.id && *id == subject,
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in hit {
+            tracing::info!(session_id = %self.id, participant_id = %id, "token revoked, participant disconnected");
+            self.finish(
+                &id,
+                LeaveReason::TokenRevoked,
+                OffsetDateTime::now_utc(),
+                true,
+            )
+            .await;
+        }
+    }
+
+    async fn end(&mut self, by: &ParticipantId) -> Result<(), SignalError> {
+        let now = OffsetDateTime::now_utc();
+        // One entry closes every open stay at this moment; see the counting rules. It is a
+        // session event (no participant); the therapist who ended it is in the log.
+        self.record(None, EventKind::SessionEnded, now).await?;
+        self.ended = true;
+        tracing::info!(session_id = %self.id, ended_by = %by, "session ended by therapist");
+
+        let everyone: Vec<ParticipantId> = self.members.keys().cloned().collect();
+        for id in everyone {
+            self.send_to(
+                &id,
+                ServerMsg::Left {
+                    reason: LeaveReason::SessionEnded.as_str(),
                 },
             );
-            if m.role == Role::Therapist {
-                self.notify_waiting();
+            if let Some(m) = self.members.remove(&id) {
+                if m.stage == Stage::Admitted {
+                    self.room.remove_participant(id.clone()).await;
+                }
             }
-        } else {
-            tracing::info!(session_id = %self.id, participant_id = %who, "participant left the waiting room");
-            self.notify_waiting_list();
         }
+        Ok(())
     }
 
     fn notify_waiting(&self) {
@@ -498,10 +946,7 @@ impl Session {
             .members
             .iter()
             .filter(|(_, m)| m.stage == Stage::Waiting)
-            .map(|(id, m)| PeerView {
-                participant_id: id.clone(),
-                role: m.role,
-            })
+            .map(|(id, m)| Self::peer_view(id, m))
             .collect();
         for (id, m) in &self.members {
             if m.role == Role::Therapist && m.stage == Stage::Admitted {
@@ -593,4 +1038,17 @@ impl Session {
             }
         }
     }
+}
+
+/// 32 random bytes, hex. Only the holder of the `joined` message knows it.
+fn new_resume_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Compares secrets without stopping at the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

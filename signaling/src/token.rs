@@ -31,9 +31,54 @@ pub struct JoinClaims {
     pub nbf: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// The token id; removal and revocation are remembered by it.
+    pub jti: String,
+    /// A name for screens only; Haven never logs or stores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jti: Option<String>,
+    pub name: Option<String>,
+    /// `adult` or `adolescent`: which weekly requirement applies to a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_group: Option<AgeGroup>,
     pub session: SessionClaim,
+}
+
+/// The claims of a bearer token for the HTTP API.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiClaims {
+    pub iss: String,
+    pub sub: String,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Space-separated permissions, for example `revocations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+/// Which weekly intensity requirement applies to a client.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AgeGroup {
+    Adult,
+    Adolescent,
+}
+
+/// How people leave the waiting room.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// A therapist admits each person (the default).
+    #[default]
+    Manual,
+    /// Everyone is admitted as soon as a therapist is present.
+    Auto,
+}
+
+/// Whether sponsors may join, and for which client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SponsorPolicy {
+    /// The client the sponsor accompanies; the sponsor is in the room only while they are.
+    pub for_client: String,
 }
 
 /// The scheduled session a token admits to.
@@ -47,6 +92,11 @@ pub struct SessionClaim {
     pub ends_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program: Option<String>,
+    #[serde(default)]
+    pub admission: Admission,
+    /// Present only in sessions that allow a sponsor; required in a sponsor's token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sponsors: Option<SponsorPolicy>,
 }
 
 /// A key Haven trusts, with the issuer it belongs to and its pinned algorithm.
@@ -92,7 +142,17 @@ pub struct JoinGrant {
     pub starts_at: OffsetDateTime,
     pub ends_at: OffsetDateTime,
     pub program: Option<String>,
+    pub token_id: String,
+    pub expires_at: OffsetDateTime,
+    pub display_name: Option<String>,
+    pub age_group: Option<AgeGroup>,
+    pub admission: Admission,
+    /// For a sponsor: the client they accompany.
+    pub sponsor_for: Option<ParticipantId>,
 }
+
+/// Longest display name shown on screens; longer names are cut, not refused.
+const MAX_DISPLAY_NAME: usize = 64;
 
 pub struct TokenVerifier {
     keys: Vec<TrustedKey>,
@@ -124,7 +184,47 @@ impl TokenVerifier {
         Ok(grant)
     }
 
+    /// Checks a bearer token for the HTTP API: a trusted issuer's signature, audience,
+    /// expiry, and a `scope` (space-separated) that includes `scope`.
+    pub fn verify_api(
+        &self,
+        token: &str,
+        scope: &str,
+        now: OffsetDateTime,
+    ) -> Result<ApiClaims, SignalError> {
+        let _ = now;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("The token is too long."));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("The token is damaged or incomplete."))?;
+        let claims: ApiClaims =
+            self.decode_as(token, header.kid.as_deref(), &["exp", "aud", "iss", "sub"])?;
+        if !claims
+            .scope
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .any(|s| s == scope)
+        {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                format!("The token's scope does not include {scope}."),
+            ));
+        }
+        Ok(claims)
+    }
+
     fn decode(&self, token: &str, kid: Option<&str>) -> Result<JoinClaims, SignalError> {
+        self.decode_as(token, kid, &["exp", "nbf", "aud", "iss", "sub", "jti"])
+    }
+
+    fn decode_as<C: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        kid: Option<&str>,
+        required: &[&str],
+    ) -> Result<C, SignalError> {
         let candidates = self
             .keys
             .iter()
@@ -136,11 +236,11 @@ impl TokenVerifier {
             let mut v = Validation::new(key.algorithm);
             v.set_audience(&[&self.rules.audience]);
             v.set_issuer(&[&key.issuer]);
-            v.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
+            v.set_required_spec_claims(required);
             v.leeway = self.rules.leeway.as_secs().min(60);
             v.validate_nbf = true;
 
-            match jsonwebtoken::decode::<JoinClaims>(token, &key.key, &v) {
+            match jsonwebtoken::decode::<C>(token, &key.key, &v) {
                 Ok(data) => return Ok(data.claims),
                 // The signature matched this key, so its verdict on the claims is final.
                 Err(e) => match e.kind() {
@@ -216,6 +316,33 @@ fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
             "The session in the join link ends before it starts.",
         ));
     }
+    if c.jti.is_empty() || c.jti.len() > 128 {
+        return Err(invalid("The join link has no valid token id."));
+    }
+
+    // A sponsor needs a session that allows sponsors, naming the client they accompany.
+    let sponsor_for = match (&c.session.sponsors, role) {
+        (Some(p), Role::Sponsor) => Some(ParticipantId::parse(&p.for_client).map_err(|_| {
+            SignalError::new(
+                ErrorCode::SponsorNotAllowed,
+                "The join link does not name a valid client to accompany.",
+            )
+        })?),
+        (None, Role::Sponsor) => {
+            return Err(SignalError::new(
+                ErrorCode::SponsorNotAllowed,
+                "This session does not allow sponsors. Ask the program for a family session link.",
+            ));
+        }
+        _ => None,
+    };
+
+    let display_name = c.name.map(|n| {
+        n.chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_DISPLAY_NAME)
+            .collect()
+    });
     Ok(JoinGrant {
         participant,
         role,
@@ -224,6 +351,13 @@ fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
         starts_at: c.session.starts_at,
         ends_at: c.session.ends_at,
         program: c.session.program,
+        token_id: c.jti,
+        expires_at: OffsetDateTime::from_unix_timestamp(c.exp)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        display_name,
+        age_group: c.age_group,
+        admission: c.session.admission,
+        sponsor_for,
     })
 }
 

@@ -46,8 +46,20 @@ impl Server {
         s
     }
 
+    /// Starts with extra environment, for example `HAVEN_CAPACITY_GROUP`.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut s = Server::start_in_with_env(tmp.path(), env);
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// Starts on `data_dir`, which outlives the server (for restart tests).
     pub fn start_in(data_dir: &Path) -> Server {
+        Server::start_in_with_env(data_dir, &[])
+    }
+
+    pub fn start_in_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(BIN)
             .args([
                 "serve",
@@ -62,17 +74,17 @@ impl Server {
                 "RUST_LOG",
                 std::env::var(ENV_TEST_LOG).unwrap_or_else(|_| "info".into()),
             )
-            // Plain log lines: the server colours its log even when it goes to a pipe.
+            // Plain log lines, whatever the terminal.
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn haven");
 
         // Every output line goes to `log`, so a failing test can show what the server said;
-        // reading all the time also keeps the server from blocking on a full pipe. Both streams
-        // are read because the log goes to stdout today (tracing-subscriber's default) and
-        // errors go to stderr.
+        // reading all the time also keeps the server from blocking on a full pipe. The log goes
+        // to stderr; stdout is read too so nothing the server prints can block it.
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (first_lines, startup) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().expect("piped stdout");
@@ -286,6 +298,14 @@ impl Signal {
         Signal { ws }
     }
 
+    /// Sends a raw text frame (for malformed input).
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.to_owned().into()))
+            .await
+            .expect("send");
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws
             .send(Message::Text(v.to_string().into()))
@@ -329,6 +349,27 @@ impl Signal {
             }
         }
         panic!("no {kind} message");
+    }
+
+    /// Skips messages until one of type `kind` for which `pred` holds arrives.
+    pub async fn expect_where(&mut self, kind: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..100 {
+            let m = self.recv().await;
+            if m["type"] == kind && pred(&m) {
+                return m;
+            }
+        }
+        panic!("no matching {kind} message");
+    }
+
+    /// The waiting list once it names `who`.
+    pub async fn waiting_list_with(&mut self, who: &str) -> Value {
+        self.expect_where("waiting_list", |m| {
+            m["waiting"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|p| p["participant_id"] == who))
+        })
+        .await
     }
 
     /// True when the server closes the socket within `wait`.
