@@ -368,7 +368,10 @@ async fn configured_issuer_keys_are_pinned_by_kid_and_the_dev_key_is_no_longer_t
         "token_invalid"
     );
     // Production mode: the generated development key is not trusted.
-    assert!(!server.data_dir.join("dev-signing-key.pem").exists(), "no development key is made");
+    assert!(
+        !server.data_dir.join("dev-signing-key.pem").exists(),
+        "no development key is made"
+    );
     let elsewhere = Server::start();
     let dev = elsewhere.token("sess-tok", "therapist", "t-tok-09", &[]);
     assert_eq!(refused(&server, &dev).await["code"], "token_invalid");
