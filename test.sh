@@ -25,6 +25,7 @@ command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing ${need_pkgs[*]}"
   as_root apt-get update -qq
@@ -50,8 +51,11 @@ in_netns() {
   unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; exec "$@"' netns "$@"
 }
 
+# The attendance tests also run against PostgreSQL: tests/with-postgres.sh starts a throwaway
+# cluster inside the namespace (the host's is not reachable there) and stops it afterwards.
 step "cargo test (network namespace)"
-HAVEN_IN_NETNS=1 in_netns cargo test --workspace --offline --quiet -- --nocapture 2>&1 \
+HAVEN_IN_NETNS=1 in_netns tests/with-postgres.sh \
+  cargo test --workspace --offline --quiet -- --nocapture 2>&1 \
   | tee "$OUT/cargo-test.log"
 
 # --- browser tests -------------------------------------------------------------------------

@@ -23,6 +23,15 @@ pub const ENV_CAPACITY_INDIVIDUAL: &str = "HAVEN_CAPACITY_INDIVIDUAL";
 pub const ENV_CAPACITY_GROUP: &str = "HAVEN_CAPACITY_GROUP";
 pub const ENV_CAPACITY_FAMILY: &str = "HAVEN_CAPACITY_FAMILY";
 pub const ENV_RESUME_GRACE_SECONDS: &str = "HAVEN_RESUME_GRACE_SECONDS";
+pub const ENV_DRAIN_SECONDS: &str = "HAVEN_DRAIN_SECONDS";
+pub const ENV_DATABASE_URL: &str = "HAVEN_DATABASE_URL";
+pub const ENV_NODE_ID: &str = "HAVEN_NODE_ID";
+pub const ENV_MAX_MESSAGE_BYTES: &str = "HAVEN_MAX_MESSAGE_BYTES";
+pub const ENV_MESSAGES_PER_SECOND: &str = "HAVEN_MESSAGES_PER_SECOND";
+pub const ENV_MESSAGE_BURST: &str = "HAVEN_MESSAGE_BURST";
+pub const ENV_CONNECTIONS_PER_ADDRESS: &str = "HAVEN_CONNECTIONS_PER_ADDRESS";
+pub const ENV_PENDING_CONNECTIONS: &str = "HAVEN_PENDING_CONNECTIONS";
+pub const ENV_SILENCE_TIMEOUT_SECONDS: &str = "HAVEN_SILENCE_TIMEOUT_SECONDS";
 
 /// Every setting, with its default in [`Config::default`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,6 +62,30 @@ pub struct Config {
     /// Trusted issuers. When empty, Haven runs in development mode and trusts only the key it
     /// generated in the data directory.
     pub issuers: Vec<crate::keys::IssuerConfig>,
+    /// Origins (`https://portal.example.org`) allowed to open the WebSocket besides Haven's
+    /// own; for a web client served from another site.
+    pub allowed_origins: Vec<String>,
+    /// How long a drain (SIGTERM, `haven drain`) waits for sessions to end on their own.
+    pub drain_seconds: u32,
+    /// Largest signaling message in bytes; larger closes the socket with 1009.
+    pub max_message_bytes: usize,
+    /// Sustained signaling messages per second per connection.
+    pub messages_per_second: u32,
+    /// Messages a connection may send in a burst above the sustained rate.
+    pub message_burst: u32,
+    /// Open WebSockets per client address.
+    pub connections_per_address: usize,
+    /// WebSockets that have not joined yet, across the node.
+    pub pending_connections: usize,
+    /// Seconds without any sign of life after which a connection is closed.
+    pub silence_timeout_seconds: u32,
+    /// PostgreSQL for the ledger (`postgres://...`); SQLite in the data directory when unset.
+    pub database_url: Option<String>,
+    /// This node's name in the ledger's heartbeats (unique per node of a cluster).
+    pub node_id: String,
+    /// Counting and program rules for reports (the `[attendance]` table; see
+    /// `docs/attendance.md`).
+    pub attendance: attendance::AttendanceRules,
     /// Development only: also accept HS256 tokens from issuer `haven-dev` signed with this
     /// shared secret.
     pub dev_hs256_secret: Option<String>,
@@ -73,6 +106,17 @@ impl Default for Config {
             capacity_family: 10,
             resume_grace_seconds: 60,
             issuers: Vec::new(),
+            database_url: None,
+            node_id: "haven-1".into(),
+            attendance: attendance::AttendanceRules::default(),
+            allowed_origins: Vec::new(),
+            drain_seconds: 300,
+            max_message_bytes: 64 * 1024,
+            messages_per_second: 20,
+            message_burst: 60,
+            connections_per_address: 64,
+            pending_connections: 1000,
+            silence_timeout_seconds: 45,
             dev_hs256_secret: None,
         }
     }
@@ -115,6 +159,15 @@ impl Config {
             (ENV_CAPACITY_GROUP, "capacity_group"),
             (ENV_CAPACITY_FAMILY, "capacity_family"),
             (ENV_RESUME_GRACE_SECONDS, "resume_grace_seconds"),
+            (ENV_DRAIN_SECONDS, "drain_seconds"),
+            (ENV_DATABASE_URL, "database_url"),
+            (ENV_NODE_ID, "node_id"),
+            (ENV_MAX_MESSAGE_BYTES, "max_message_bytes"),
+            (ENV_MESSAGES_PER_SECOND, "messages_per_second"),
+            (ENV_MESSAGE_BURST, "message_burst"),
+            (ENV_CONNECTIONS_PER_ADDRESS, "connections_per_address"),
+            (ENV_PENDING_CONNECTIONS, "pending_connections"),
+            (ENV_SILENCE_TIMEOUT_SECONDS, "silence_timeout_seconds"),
         ];
         for (var, key) in env_names {
             fig = fig.merge(Env::raw().only(&[var]).map(move |_| key.into()));
@@ -141,6 +194,27 @@ impl Config {
             if !(2..=16).contains(&v) {
                 bad.push(format!("{name} = {v}: must be between 2 and 16"));
             }
+        }
+        if !(1024..=1024 * 1024).contains(&self.max_message_bytes) {
+            bad.push(format!(
+                "max_message_bytes = {}: between 1024 and 1048576",
+                self.max_message_bytes
+            ));
+        }
+        if self.messages_per_second == 0 || self.message_burst == 0 {
+            bad.push("messages_per_second and message_burst must be at least 1".into());
+        }
+        if self.connections_per_address == 0 || self.pending_connections == 0 {
+            bad.push("connections_per_address and pending_connections must be at least 1".into());
+        }
+        if !(5..=600).contains(&self.silence_timeout_seconds) {
+            bad.push(format!(
+                "silence_timeout_seconds = {}: between 5 and 600",
+                self.silence_timeout_seconds
+            ));
+        }
+        if let Err(problems) = self.attendance.validate() {
+            bad.extend(problems.into_iter().map(|p| format!("attendance: {p}")));
         }
         if self.resume_grace_seconds > 600 {
             bad.push(format!(

@@ -2,17 +2,19 @@
 //!
 //! - `haven serve` (the default): the signaling server, the media plane and the ledger.
 //! - `haven token`: mints a development join token or link.
-//! - `haven attendance report | verify`: reads the ledger.
+//! - `haven attendance report | export | verify | amend`: the ledger (see `attendance_cmd`).
 
+mod attendance_cmd;
 mod config;
 mod devkey;
+mod drain;
 mod keys;
 mod serve;
 mod token;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -31,40 +33,18 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Mint a join token signed with the development key.
     Token(token::TokenArgs),
-    /// Read the attendance ledger.
+    /// Read, export, verify and amend the attendance ledger.
     #[command(subcommand)]
-    Attendance(AttendanceCmd),
-}
-
-#[derive(Subcommand)]
-enum AttendanceCmd {
-    /// Per participant of one session: role, joined and left, connected and credited minutes.
-    Report {
-        #[arg(long, env = config::ENV_DATA_DIR, default_value = "haven-data")]
-        data_dir: PathBuf,
-        #[arg(long)]
-        session: String,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-        /// Minutes after the scheduled end that still count.
-        #[arg(long, default_value_t = 15)]
-        overrun_minutes: u32,
-    },
-    /// Check the hash chain of the whole ledger.
-    Verify {
+    Attendance(attendance_cmd::AttendanceCmd),
+    /// Drain the server running on a data directory: no new joins, sessions end by the
+    /// configured deadline, then it exits (the same as sending it SIGTERM).
+    Drain {
         #[arg(long, env = config::ENV_DATA_DIR, default_value = "haven-data")]
         data_dir: PathBuf,
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
-    Table,
-    Csv,
-    Json,
-}
-
-pub const LEDGER_FILE: &str = "attendance.sqlite3";
+pub const LEDGER_FILE: &str = attendance::LEDGER_FILE;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -74,7 +54,8 @@ fn main() -> std::process::ExitCode {
     {
         Command::Serve(args) => serve::run(args),
         Command::Token(args) => token::run(args),
-        Command::Attendance(cmd) => attendance_cmd(cmd),
+        Command::Drain { data_dir } => drain::run(&data_dir),
+        Command::Attendance(cmd) => attendance_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,
@@ -83,63 +64,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
-}
-
-fn attendance_cmd(cmd: AttendanceCmd) -> anyhow::Result<std::process::ExitCode> {
-    match cmd {
-        AttendanceCmd::Report {
-            data_dir,
-            session,
-            format,
-            overrun_minutes,
-        } => {
-            let session = haven_ids::SessionId::parse(&session)?;
-            let ledger = open_existing_ledger(&data_dir)?;
-            let entries = ledger.session_events(&session)?;
-            if entries.is_empty() {
-                anyhow::bail!("the ledger has no events for session {session}");
-            }
-            let rules = attendance::CountingRules {
-                overrun_allowance: time::Duration::minutes(overrun_minutes.into()),
-            };
-            let report = attendance::session_report(&entries, &rules);
-            match format {
-                Format::Table => print!("{}", report.to_table()),
-                Format::Csv => print!("{}", report.to_csv()),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report.to_json())?),
-            }
-            Ok(std::process::ExitCode::SUCCESS)
-        }
-        AttendanceCmd::Verify { data_dir } => {
-            let ledger = open_existing_ledger(&data_dir)?;
-            let report = ledger.verify()?;
-            match report.first_bad {
-                None => {
-                    println!(
-                        "ledger intact: {} entries, hash chain verified",
-                        report.entries
-                    );
-                    Ok(std::process::ExitCode::SUCCESS)
-                }
-                Some(bad) => {
-                    println!(
-                        "ledger altered: entry {} does not fit the chain: {}",
-                        bad.seq, bad.problem
-                    );
-                    Ok(std::process::ExitCode::from(1))
-                }
-            }
-        }
-    }
-}
-
-fn open_existing_ledger(data_dir: &std::path::Path) -> anyhow::Result<attendance::Ledger> {
-    let path = data_dir.join(LEDGER_FILE);
-    if !path.exists() {
-        anyhow::bail!(
-            "no ledger at {} (has haven serve run with this data dir?)",
-            path.display()
-        );
-    }
-    Ok(attendance::Ledger::open(&path)?)
 }

@@ -1,6 +1,6 @@
 //! `haven serve`: wires the ledger, the media plane and the signaling server together.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +15,15 @@ use signaling::{
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, Overrides};
-use crate::{devkey, LEDGER_FILE};
+use crate::devkey;
 
 /// Haven's own crates log lifecycle at info. The WebRTC libraries underneath log ICE
 /// credentials and peer addresses at debug, so they stay at warn unless RUST_LOG says
 /// otherwise (and such detail belongs at trace in Haven's terms).
 const DEFAULT_LOG_FILTER: &str = "info,str0m=warn,dimpl=warn,is=warn";
+
+/// How often the node proves it is alive in the ledger; a crash is credited no further.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Tokens that may no longer join, one JSON object per line.
 const REVOCATIONS_FILE: &str = "revocations.jsonl";
@@ -115,10 +118,37 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ..TokenRules::default()
     };
 
-    let ledger_path = config.data_dir.join(LEDGER_FILE);
-    let ledger = attendance::Ledger::open(&ledger_path)
-        .with_context(|| format!("cannot open the ledger at {}", ledger_path.display()))?;
+    // The ledger: SQLite in the data directory, or PostgreSQL with `database_url`.
+    let location =
+        attendance::Location::from_args(&config.data_dir, config.database_url.as_deref())?;
+    let ledger =
+        attendance::Ledger::open_at(&location).context("cannot open the attendance ledger")?;
     let ledger = attendance::LedgerHandle::spawn(ledger);
+
+    // Before anything is recorded: stays a crash of this node left open are closed at its
+    // last heartbeat, so no time is credited past the last proof of presence.
+    let node = attendance::NodeId::parse(&config.node_id).context("invalid node_id")?;
+    let recovered = ledger
+        .recover(node.clone())
+        .await
+        .context("crash recovery of the ledger failed")?;
+    if recovered.stays_closed > 0 {
+        tracing::warn!(
+            sessions = recovered.sessions,
+            stays = recovered.stays_closed,
+            "closed stays left open by an earlier crash, at its last heartbeat"
+        );
+    }
+    let heartbeat_ledger = ledger.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tick.tick().await;
+            if let Err(e) = heartbeat_ledger.heartbeat(node.clone()).await {
+                tracing::error!(code = e.code(), error = %e, "ledger heartbeat failed");
+            }
+        }
+    });
 
     let sfu = sfu::Sfu::start(sfu::SfuConfig {
         bind: config.media_bind(),
@@ -148,11 +178,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         revocations: Arc::new(revocations),
         policy,
     };
-    let state = ServerState::new(TokenVerifier::new(keys, rules), deps);
+    let silence = Duration::from_secs(config.silence_timeout_seconds.into());
+    let limits = signaling::Limits {
+        max_message_bytes: config.max_message_bytes,
+        messages_per_second: config.messages_per_second,
+        message_burst: config.message_burst,
+        connections_per_address: config.connections_per_address,
+        pending_connections: config.pending_connections,
+        silence_timeout: silence,
+        // Ping a third of the way into the silence allowed, so two pings can go unanswered.
+        ping_interval: silence / 3,
+        ..signaling::Limits::default()
+    };
+    let http_settings = signaling::HttpSettings {
+        limits,
+        allowed_origins: config.allowed_origins.clone(),
+        attendance_rules: config.attendance.clone(),
+    };
+    let state = ServerState::new(TokenVerifier::new(keys, rules), deps, http_settings);
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
     let http = listener.local_addr()?;
+    let pid_file = PidFile::write(&config.data_dir)?;
 
     tracing::info!(
         %http,
@@ -163,27 +211,83 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.data_dir.display()
     );
 
-    axum::serve(listener, signaling::app(Arc::clone(&state)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // The first SIGTERM (or Ctrl-C) drains: no new joins, sessions get `drain_seconds` to end,
+    // then every remaining stay ends with `server_shutdown`, ledger first. A second signal
+    // cuts the wait short; the ledger entries are still written.
+    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
+    let drain_state = Arc::clone(&state);
+    let drain_deadline = Duration::from_secs(config.drain_seconds.into());
+    // Registered now, before any signal can arrive, so a second SIGTERM during the drain is
+    // never missed.
+    let mut signals = Signals::new()?;
+    tokio::spawn(async move {
+        signals.next().await;
+        drain_state.drain(drain_deadline, signals.next()).await;
+        let _ = drained_tx.send(true);
+    });
+
+    let app =
+        signaling::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    let mut stop = drained_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop.wait_for(|done| *done).await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    let mut done = drained_rx;
+    let _ = done.wait_for(|d| *d).await;
+    // Open WebSockets were told `left` by now; give them a moment to close cleanly.
+    let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    drop(pid_file);
     tracing::info!("haven stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+/// `haven.pid` in the data directory, for `haven drain`; removed when the server stops.
+struct PidFile(std::path::PathBuf);
+
+impl PidFile {
+    fn write(data_dir: &std::path::Path) -> anyhow::Result<PidFile> {
+        let path = data_dir.join(crate::drain::PID_FILE);
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(PidFile(path))
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+/// SIGTERM and SIGINT (Ctrl-C), as one stream.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

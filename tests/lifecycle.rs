@@ -41,7 +41,10 @@ async fn admitted_client(
 
 #[tokio::test]
 async fn twenty_simultaneous_joins_never_exceed_capacity() {
-    let server = Server::start_with_env(&[("HAVEN_CAPACITY_GROUP", "5")]);
+    let server = Server::start_with_env(&[
+        ("HAVEN_CAPACITY_GROUP", "5"),
+        ("HAVEN_CONNECTIONS_PER_ADDRESS", "100"),
+    ]);
     let args = ["--kind", "group", "--auto-admit"];
     let _therapist = therapist_in(&server, "sess-cap", &args).await;
 

@@ -1,17 +1,23 @@
 // @ts-check
 // Haven's web client: the flow from the join link to the end of a session.
 //
-//   pre-join (camera check) -> join -> waiting room -> admitted: publish + subscribe -> ended
+//   pre-join (devices, preview, level) -> join -> waiting room -> admitted: publish +
+//   subscribe -> (socket lost: resume, both peer connections rebuilt) -> ended
 //
-// signaling.js speaks the protocol, media.js owns the peer connections, ui.js the page.
+// signaling.js speaks the protocol, media.js owns devices and peer connections, stats.js
+// reads what arrives, ui.js draws the page.
 
-import { CLOSING_ERROR_CODES, SignalingChannel, signalingUrl } from './signaling.js';
+import { CLOSING_ERROR_CODES, SignalingChannel, previewToken, signalingUrl } from './signaling.js';
 import {
-  SubscribeConnection, applyPublishAnswer, createPublishConnection, createPublishOffer,
-  openLocalMedia, stopLocalMedia,
+  LevelMeter, SubscribeConnection, applyPublishAnswer, createPublishConnection,
+  createPublishOffer, listDevices, openCamera, openLocalMedia, replacePublishedTrack,
+  stopLocalMedia,
 } from './media.js';
+import { ReceiveStats, pickActiveSpeaker } from './stats.js';
 import {
-  Tile, announce, attachStream, byId, renderWaitingList, roleLabel, showNotice, showScreen,
+  Tile, announce, attachStream, byId, confirmDialog, fillDeviceSelect, localTime,
+  personLabel, renderFacts, renderPresentList, renderWaitingList, roleLabel, sessionFacts,
+  showNotice, showScreen,
 } from './ui.js';
 
 /** @typedef {import('./signaling.js').Role} Role */
@@ -20,19 +26,39 @@ import {
 /** @typedef {import('./signaling.js').ParticipantInfo} ParticipantInfo */
 /** @typedef {import('./signaling.js').ServerMessage} ServerMessage */
 /** @typedef {import('./signaling.js').ErrorMessage} ErrorMessage */
+/** @typedef {import('./signaling.js').JoinedMessage} JoinedMessage */
+/** @typedef {import('./media.js').MediaProblem} MediaProblem */
+/** @typedef {import('./stats.js').Quality} Quality */
 /** @typedef {import('./ui.js').Screen} Screen */
 
 /** Errors worth a "Try again": the same link may work a little later. */
-const RETRYABLE_ERRORS = new Set(['too_early', 'internal', 'room_full']);
+const RETRYABLE_ERRORS = new Set(['too_early', 'internal', 'unreachable']);
 
 /** How long Leave waits for Haven's `left` before the page ends the stay by itself. */
 const LEAVE_TIMEOUT_MS = 5000;
+
+/** Reconnection: the first retry, the longest pause between retries, one attempt's limit. */
+const RECONNECT_FIRST_MS = 500;
+const RECONNECT_MAX_MS = 8000;
+const RECONNECT_ATTEMPT_MS = 10_000;
+/** Used until `joined` says how long Haven keeps a place (`resume_grace_seconds`). */
+const DEFAULT_GRACE_SECONDS = 60;
+
+/** How often receive statistics are read (active speaker, camera off, quality). */
+const STATS_INTERVAL_MS = 700;
+/** A speaker stays highlighted this long after falling silent, so the ring does not flicker. */
+const SPEAKER_HOLD_MS = 1200;
+/** Without a decoded frame for this long, a tile shows initials instead of video. */
+const VIDEO_STALL_MS = 2000;
+/** Past the scheduled start by this much, the waiting room tells people what to do. */
+const LATE_AFTER_MS = 5 * 60_000;
 
 /** What the page knows. Tests read it through `window.haven.state`. */
 const state = {
   screen: /** @type {Screen} */ ('prejoin'),
   participantId: /** @type {string | null} */ (null),
   role: /** @type {Role | null} */ (null),
+  displayName: /** @type {string | null} */ (null),
   session: /** @type {SessionInfo | null} */ (null),
   therapistPresent: /** @type {boolean | null} */ (null),
   /** Everyone else in the room. */
@@ -41,9 +67,26 @@ const state = {
   waiting: /** @type {ParticipantInfo[]} */ ([]),
   micOn: true,
   cameraOn: true,
-  connection: { publish: 'new', subscribe: 'new' },
+  /** Send no video and show no incoming video. */
+  audioOnly: false,
+  mutedByTherapist: false,
+  /** What the pre-join check found; null when both devices opened. */
+  mediaProblem: /** @type {MediaProblem | null} */ (null),
+  connection: {
+    publish: 'new', subscribe: 'new',
+    /** connecting, open, reconnecting, lost (gave up; "Try again" shown), closed */
+    signaling: 'closed',
+  },
+  reconnect: { attempts: 0, resumes: 0 },
+  activeSpeaker: /** @type {string | null} */ (null),
+  /** Connection quality of each participant as this browser receives them. */
+  quality: /** @type {Record<string, Quality>} */ ({}),
+  /** The size (device pixels) each participant's video element is shown at; see README. */
+  displaySizes: /** @type {Record<string, {width: number, height: number}>} */ ({}),
   error: /** @type {{code: string, message: string} | null} */ (null),
   endedReason: /** @type {string | null} */ (null),
+  /** Date.now() of the first `joined` of this stay, for the ended page. */
+  joinedAt: /** @type {number | null} */ (null),
 };
 
 /** Peer connections of the current stay, for tests that call getStats(). */
@@ -56,18 +99,33 @@ const pcs = {
 const timing = {
   wsOpen: /** @type {number | null} */ (null),
   firstRemoteFrame: /** @type {number | null} */ (null),
+  /** The last reconnection: socket lost, and first remote frame after it. */
+  socketLost: /** @type {number | null} */ (null),
+  resumedFrame: /** @type {number | null} */ (null),
 };
 
-Object.assign(window, { haven: { state, pcs, timing } });
+Object.assign(window, {
+  haven: { state, pcs, timing, socket: () => channel?.socket ?? null },
+});
 
 // The token is a credential: keep it in memory only and out of the address bar, history
 // and any bookmark. A reload therefore needs the original link again.
 const token = takeTokenFromFragment();
+const preview = token ? previewToken(token) : null;
 
 /** @type {MediaStream | null} */
 let localStream = null;
+/** @type {LevelMeter | null} */
+let meter = null;
+/** @type {ReturnType<typeof setInterval> | undefined} */
+let meterTimer;
+/** The devices chosen on the pre-join screen ('' for the browser's default). */
+const chosen = { audioId: '', videoId: '' };
+
 /** @type {SignalingChannel | null} */
 let channel = null;
+/** Whether the current socket has had an answer to its `join` (waiting, joined or left). */
+let answered = false;
 /** @type {SubscribeConnection | null} */
 let subscriber = null;
 /** @type {Tile | null} */
@@ -79,6 +137,26 @@ let remoteTracks = /** @type {Map<string, MediaStreamTrack[]>} */ (new Map());
 /** Publish candidates gathered before `publish_offer` was sent. @type {string[] | null} */
 let earlyPublishCandidates = [];
 let leaving = false;
+
+/** From the last `joined`: what resumes this stay after a lost socket. */
+let resumeToken = /** @type {string | null} */ (null);
+let graceSeconds = DEFAULT_GRACE_SECONDS;
+let reconnectDeadline = 0;
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let reconnectTimer;
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let attemptTimer;
+
+/** @type {ReturnType<typeof setInterval> | undefined} */
+let statsTimer;
+let receiveStats = new ReceiveStats();
+/** When each participant last had a decoded frame / was last loud. */
+const lastFrameAt = new Map();
+let speakerSince = 0;
+/** @type {ReturnType<typeof setInterval> | undefined} */
+let waitingTimer;
+
+let shortcutsEnabled = readShortcutSetting();
 
 function takeTokenFromFragment() {
   const value = new URLSearchParams(window.location.hash.slice(1)).get('token');
@@ -94,65 +172,166 @@ function setScreen(screen) {
   showScreen(screen);
 }
 
-// ---- pre-join --------------------------------------------------------------------------
+/** @param {SessionInfo | null | undefined} session */
+function showSession(session) {
+  if (session) state.session = session;
+  const role = state.role || preview?.role || null;
+  const sponsor = role === 'sponsor';
+  byId('sponsor-badge', HTMLElement).hidden = !sponsor;
+  byId('session-label', HTMLElement).textContent = state.session
+    ? `${sponsor ? 'Sponsor session: ' : ''}${state.session.id}` : '';
+
+  const facts = sessionFacts(state.session);
+  if (role) facts.push(['You join as', roleLabel(role)]);
+  renderFacts(byId('prejoin-session', HTMLElement), facts);
+  renderFacts(byId('waiting-session', HTMLElement), facts);
+}
+
+// ---- pre-join: devices, preview, level meter -------------------------------------------
+
+/** Text and help for what the device check found. */
+const MEDIA_HELP = {
+  denied: {
+    title: 'Camera and microphone are blocked',
+    text: 'Your browser was told not to let this page use them. Select the camera or lock ' +
+      'icon at the left of the address bar, allow Camera and Microphone, then choose ' +
+      '"Try again". You can also join without them: you will see and hear the others, but ' +
+      'they will not see or hear you.',
+  },
+  missing: {
+    title: 'No camera or microphone found',
+    text: 'Connect a headset, microphone or camera (or check that it is switched on), then ' +
+      'choose "Try again". You can also join without them and listen.',
+  },
+  busy: {
+    title: 'Your camera or microphone is busy',
+    text: 'Another app (another video call, for example) is using it. Close that app, then ' +
+      'choose "Try again".',
+  },
+  unsupported: {
+    title: 'This browser cannot use a camera here',
+    text: 'Open the link in a current version of Chrome, Edge, Firefox or Safari.',
+  },
+  failed: {
+    title: 'Your camera or microphone did not start',
+    text: 'Choose "Try again". If it keeps happening, restart your browser.',
+  },
+};
 
 /**
- * @param {string} text
- * @param {{join: boolean, fallback: boolean}} buttons which choices to offer
+ * @param {string} status
+ * @param {{join: boolean, retry: boolean, withoutMedia: boolean}} offer
+ * @param {MediaProblem | null} [problem]
  */
-function setPrejoin(text, buttons) {
-  byId('prejoin-status', HTMLElement).textContent = text;
-  byId('join-button', HTMLButtonElement).disabled = !buttons.join;
-  byId('join-no-camera-button', HTMLButtonElement).hidden = !buttons.fallback;
-  byId('retry-media-button', HTMLButtonElement).hidden = !buttons.fallback;
+function setPrejoin(status, offer, problem = null) {
+  byId('prejoin-status', HTMLElement).textContent = status;
+  byId('join-button', HTMLButtonElement).disabled = !offer.join;
+  byId('retry-media-button', HTMLButtonElement).hidden = !offer.retry;
+  byId('join-no-media-button', HTMLButtonElement).hidden = !offer.withoutMedia;
+
+  const help = byId('media-help', HTMLElement);
+  help.hidden = !problem;
+  if (problem) {
+    byId('media-help-title', HTMLElement).textContent = MEDIA_HELP[problem].title;
+    byId('media-help-text', HTMLElement).textContent = MEDIA_HELP[problem].text;
+  }
 }
 
 async function startPreview() {
-  setPrejoin('Starting your camera and microphone…', { join: false, fallback: false });
+  setPrejoin('Starting your camera and microphone…', { join: false, retry: false, withoutMedia: false });
+  stopMeter();
   stopLocalMedia(localStream);
 
-  const media = await openLocalMedia({ video: true });
+  const wantVideo = !state.audioOnly;
+  const media = await openLocalMedia({ video: wantVideo, ...chosen });
   localStream = media.stream;
+  state.mediaProblem = media.problem;
   attachStream(byId('preview-video', HTMLVideoElement), localStream);
+  startMeter();
+  await refreshDeviceLists();
 
-  if (media.problem) setPrejoin(media.problem, { join: false, fallback: true });
-  else setPrejoin('Your camera and microphone are ready.', { join: true, fallback: false });
-}
-
-async function joinWithoutCamera() {
-  setPrejoin('Starting your microphone…', { join: false, fallback: false });
-  stopLocalMedia(localStream);
-
-  const media = await openLocalMedia({ video: false });
-  localStream = media.stream;
-  attachStream(byId('preview-video', HTMLVideoElement), localStream);
-  if (!localStream) {
-    announce('Joining without camera or microphone. Others will not see or hear you.');
+  if (!media.problem) {
+    const ready = wantVideo ? 'Your camera and microphone are ready.' : 'Your microphone is ready.';
+    setPrejoin(ready, { join: true, retry: false, withoutMedia: false });
+  } else if (media.hasAudio) {
+    // The microphone works; the camera did not. Joining with audio only is the way on.
+    setPrejoin('Your microphone is ready; your camera is not. You can join with audio only.',
+      { join: true, retry: true, withoutMedia: false }, media.problem);
+  } else {
+    setPrejoin('Your camera and microphone are not available.',
+      { join: false, retry: true, withoutMedia: true }, media.problem);
   }
-  connect();
 }
 
-function connect() {
+async function refreshDeviceLists() {
+  const { cameras, microphones } = await listDevices().catch(() => ({ cameras: [], microphones: [] }));
+  const activeVideo = localStream?.getVideoTracks()[0]?.getSettings().deviceId || chosen.videoId;
+  const activeAudio = localStream?.getAudioTracks()[0]?.getSettings().deviceId || chosen.audioId;
+  fillDeviceSelect(byId('camera-select', HTMLSelectElement), cameras, activeVideo, 'No camera available');
+  fillDeviceSelect(byId('mic-select', HTMLSelectElement), microphones, activeAudio, 'No microphone available');
+  if (state.audioOnly) byId('camera-select', HTMLSelectElement).disabled = true;
+}
+
+function startMeter() {
+  const level = byId('mic-level', HTMLMeterElement);
+  level.value = 0;
+  if (!localStream || localStream.getAudioTracks().length === 0) return;
+
+  meter = new LevelMeter(localStream);
+  const active = meter;
+  meterTimer = setInterval(() => { level.value = active.level(); }, 100);
+}
+
+function stopMeter() {
+  clearInterval(meterTimer);
+  meter?.close();
+  meter = null;
+}
+
+// ---- connecting ------------------------------------------------------------------------
+
+/** @param {{resume: boolean}} how */
+function connect(how) {
   if (!token) return;
 
-  setPrejoin('Connecting to your session…', { join: false, fallback: false });
-  leaving = false;
-  state.error = null;
-  showNotice('');
+  if (!how.resume) {
+    setPrejoin('Connecting to your session…', { join: false, retry: false, withoutMedia: false });
+    leaving = false;
+    state.error = null;
+    showNotice('');
+  }
+  answered = false;
+  state.connection.signaling = how.resume ? 'reconnecting' : 'connecting';
+  // At most one socket: an attempt still opening is dropped (its close is then ignored).
+  const previous = channel;
+  channel = null;
+  previous?.close();
 
   const opened = new SignalingChannel(signalingUrl(window.location), {
     onOpen: () => {
-      timing.wsOpen = performance.now();
-      opened.send({ type: 'join', token });
+      if (!how.resume) timing.wsOpen = performance.now();
+      const resume = how.resume && resumeToken ? { resume: resumeToken } : {};
+      opened.send({ type: 'join', token, ...resume });
     },
     onMessage: (message) => {
-      if (channel === opened) handleMessage(message);
+      if (channel !== opened) return;
+      if (!answered && message.type !== 'error' && message.type !== 'pong') {
+        answered = true;
+        clearTimeout(attemptTimer);
+      }
+      handleMessage(message);
     },
     onClose: (code) => {
       if (channel === opened) handleClose(code);
     },
   });
   channel = opened;
+
+  // A socket can hang while opening on a bad network: give each attempt a deadline.
+  clearTimeout(attemptTimer);
+  attemptTimer = setTimeout(() => {
+    if (channel === opened && !answered) opened.socket.close();
+  }, RECONNECT_ATTEMPT_MS);
 }
 
 // ---- messages from Haven ---------------------------------------------------------------
@@ -165,9 +344,11 @@ function handleMessage(message) {
     case 'waiting_list': return onWaitingList(message.waiting);
     case 'participant_joined': return addParticipant(message, true);
     case 'participant_left': return removeParticipant(message.participant_id, message.reason);
+    case 'muted': return onMutedByTherapist(message.muted);
+    case 'participant_muted': return onParticipantMuted(message.participant_id, message.muted);
     case 'publish_answer': return onPublishAnswer(message.sdp);
     case 'subscribe_offer': return subscriber?.handleOffer(message);
-    case 'left': return endStay(leaveSentence(message.reason));
+    case 'left': return endStay(message.reason);
     case 'pong': return;
     case 'error': return onError(message);
     default:
@@ -175,55 +356,99 @@ function handleMessage(message) {
   }
 }
 
-/** @param {SessionInfo | undefined} session */
-function showSession(session) {
-  if (session) state.session = session;
-  const label = state.session ? `Session ${state.session.id} (${state.session.kind})` : '';
-  byId('session-label', HTMLElement).textContent = label;
-}
-
 /**
  * @param {SessionInfo} session
  * @param {boolean} therapistPresent
  */
 function onWaiting(session, therapistPresent) {
+  reconnected();
   showSession(session);
   const changed = state.therapistPresent !== therapistPresent;
   state.therapistPresent = therapistPresent;
+
+  // Whoever resumed into the waiting room has no call any more.
+  if (state.screen === 'call') teardownCall();
 
   const status = therapistPresent
     ? 'Your therapist is here and will let you in shortly.'
     : 'Your therapist has not arrived yet. Please keep this page open.';
   byId('waiting-status', HTMLElement).textContent = status;
+  updateLateAdvice();
 
   if (state.screen !== 'waiting') {
+    byId('waiting-device-slot', HTMLElement).append(byId('device-check', HTMLElement));
     setScreen('waiting');
-    attachStream(byId('waiting-video', HTMLVideoElement), localStream);
+    // Moving a video element pauses it.
+    attachStream(byId('preview-video', HTMLVideoElement), localStream);
+    if (!meter) startMeter();
     announce(`You are in the waiting room. ${status}`);
+    clearInterval(waitingTimer);
+    waitingTimer = setInterval(updateLateAdvice, 15_000);
   } else if (changed) {
     announce(status);
   }
 }
 
-/** @param {import('./signaling.js').JoinedMessage} joined */
+/** Past the start with no therapist: say that it is fine to wait, and for how long. */
+function updateLateAdvice() {
+  const late = byId('waiting-late', HTMLElement);
+  const starts = state.session ? Date.parse(state.session.starts_at) : NaN;
+  const overdue = Number.isFinite(starts) && Date.now() > starts + LATE_AFTER_MS;
+  late.hidden = !overdue;
+  if (!overdue || !state.session) return;
+
+  late.textContent = state.therapistPresent
+    ? `The session was due to start at ${localTime(state.session.starts_at)}. Your therapist ` +
+      'is here and may be finishing with someone else. Please keep waiting.'
+    : `The session was due to start at ${localTime(state.session.starts_at)}. Your therapist ` +
+      'may be running late. Keep this page open; if nobody lets you in within 15 minutes, ' +
+      'contact your program.';
+}
+
+/** @param {JoinedMessage} joined */
 function onJoined(joined) {
+  const wasReconnecting = state.connection.signaling === 'reconnecting' || state.connection.signaling === 'lost';
+  reconnected();
+  clearInterval(waitingTimer);
+
+  // Haven requires fresh negotiation after a resume: drop whatever media was set up.
+  teardownCall();
+
   state.participantId = joined.participant_id;
   state.role = joined.role;
-  state.participants = [];
+  state.displayName = joined.display_name ?? null;
+  state.mutedByTherapist = !!joined.muted;
+  resumeToken = joined.resume_token ?? null;
+  graceSeconds = joined.resume_grace_seconds ?? DEFAULT_GRACE_SECONDS;
+  if (state.joinedAt === null) state.joinedAt = Date.now();
+  if (joined.resumed) state.reconnect.resumes += 1;
   showSession(joined.session);
+
+  // The preview is no longer needed: the self tile shows the camera.
+  stopMeter();
+  byId('prejoin-device-slot', HTMLElement).append(byId('device-check', HTMLElement));
+  byId('preview-video', HTMLVideoElement).srcObject = null;
+
   setScreen('call');
-
-  // The self view shows video only: the microphone must never play back here.
-  selfTile = new Tile(joined.participant_id, joined.role, { self: true });
-  selfTile.showTracks(localStream ? localStream.getVideoTracks() : []);
+  const self = {
+    participant_id: joined.participant_id, role: joined.role,
+    display_name: state.displayName, muted: state.mutedByTherapist,
+  };
+  selfTile = new Tile(self, { self: true, onSize: () => {} });
   byId('grid', HTMLElement).replaceChildren(selfTile.element);
-
   for (const person of joined.participants || []) addParticipant(person, false);
-  byId('waiting-panel', HTMLElement).hidden = joined.role !== 'therapist';
+
+  const therapist = joined.role === 'therapist';
+  byId('therapist-panel', HTMLElement).hidden = !therapist;
+  if (therapist) renderPanel();
   updateControls();
+  updateLayout();
 
   const others = state.participants.length;
-  announce(`You joined the session. ${others === 1 ? '1 other person is' : `${others} other people are`} here.`);
+  const here = others === 1 ? '1 other person is' : `${others} other people are`;
+  announce(joined.resumed || wasReconnecting
+    ? `Reconnected. You are back in the session. ${here} here.`
+    : `You joined the session. ${here} here.`);
   startMedia();
 }
 
@@ -261,6 +486,10 @@ function startMedia() {
     console.error('haven: publish offer failed', error);
     showNotice('Your camera and microphone could not be sent. Leave and join again.');
   });
+
+  receiveStats = new ReceiveStats();
+  clearInterval(statsTimer);
+  statsTimer = setInterval(readStats, STATS_INTERVAL_MS);
 }
 
 /**
@@ -269,8 +498,9 @@ function startMedia() {
  */
 function watchConnection(pc, name) {
   pc.addEventListener('connectionstatechange', () => {
+    if (pcs[name] !== pc) return;
     state.connection[name] = pc.connectionState;
-    if (pc.connectionState === 'failed') {
+    if (pc.connectionState === 'failed' && state.connection.signaling === 'open') {
       showNotice('The media connection failed. Check your network, then leave and join again.');
     }
   });
@@ -289,21 +519,23 @@ function onPublishAnswer(sdp) {
 function showRemoteTracks(byParticipant) {
   remoteTracks = byParticipant;
   for (const [participantId, tile] of tiles) {
-    tile.showTracks(byParticipant.get(participantId) || []);
-    if (byParticipant.get(participantId)?.some((t) => t.kind === 'video')) {
-      watchFirstFrame(tile.video);
-    }
+    const tracks = byParticipant.get(participantId) || [];
+    // Audio-only: incoming video is not shown (Haven still sends it; see README).
+    tile.showTracks(state.audioOnly ? tracks.filter((t) => t.kind === 'audio') : tracks);
+    if (!state.audioOnly && tracks.some((t) => t.kind === 'video')) watchFirstFrame(tile.video);
   }
 }
 
 /**
- * Note when the first remote video frame is ready, for the set-up time figure.
+ * Note when the first remote video frame is ready, for the set-up time figures.
  * @param {HTMLVideoElement} video
  */
 function watchFirstFrame(video) {
-  if (timing.firstRemoteFrame !== null) return;
   const mark = () => {
     if (timing.firstRemoteFrame === null) timing.firstRemoteFrame = performance.now();
+    if (timing.socketLost !== null && timing.resumedFrame === null) {
+      timing.resumedFrame = performance.now();
+    }
   };
   // A frame handed to the compositor, or failing that the first frame the element has.
   if ('requestVideoFrameCallback' in video) video.requestVideoFrameCallback(mark);
@@ -318,13 +550,26 @@ function addParticipant(person, isNews) {
   const id = person.participant_id;
   if (id === state.participantId || tiles.has(id)) return;
 
-  state.participants.push({ participant_id: id, role: person.role });
-  const tile = new Tile(id, person.role, { self: false });
+  // `participant_joined` carries no name; a therapist knows it from the waiting list.
+  const waited = state.waiting.find((p) => p.participant_id === id);
+  const info = {
+    participant_id: id, role: person.role,
+    display_name: person.display_name ?? waited?.display_name ?? null,
+    muted: !!person.muted,
+  };
+  state.participants.push(info);
+  const tile = new Tile(info, {
+    self: false,
+    onSize: (size) => { state.displaySizes[id] = size; },
+  });
+  tile.update({ muted: info.muted });
   tiles.set(id, tile);
   byId('grid', HTMLElement).append(tile.element);
   showRemoteTracks(remoteTracks);
+  updateLayout();
+  renderPanel();
 
-  if (isNews) announce(`${roleLabel(person.role)} ${id} joined.`);
+  if (isNews) announce(`${personLabel(info)} joined.`);
 }
 
 /**
@@ -334,15 +579,109 @@ function addParticipant(person, isNews) {
 function removeParticipant(id, reason) {
   const person = state.participants.find((p) => p.participant_id === id);
   state.participants = state.participants.filter((p) => p.participant_id !== id);
-  tiles.get(id)?.element.remove();
+  tiles.get(id)?.remove();
   tiles.delete(id);
+  delete state.quality[id];
+  delete state.displaySizes[id];
+  if (state.activeSpeaker === id) state.activeSpeaker = null;
+  updateLayout();
+  renderPanel();
 
   const why = {
     left: 'left', connection_lost: 'lost their connection', removed: 'was removed',
-    session_ended: 'left because the session ended',
-    server_shutdown: 'left because the server restarted',
+    session_ended: 'left because the session ended', replaced: 'moved to another device',
+    token_revoked: 'left: their link was withdrawn',
+    sponsored_client_left: 'left with the client they accompany',
+    server_shutdown: 'left because the server restarted', denied: 'left',
   }[reason] || 'left';
-  announce(`${roleLabel(person ? person.role : '')} ${id} ${why}.`);
+  const who = person ? personLabel(person) : `Participant ${id}`;
+  announce(`${who} ${why}.`);
+}
+
+/** Tile sizes follow the number of people: one-on-one is a large remote, small self view. */
+function updateLayout() {
+  const grid = byId('grid', HTMLElement);
+  const remote = tiles.size;
+  grid.dataset.layout = remote === 0 ? 'alone' : remote === 1 ? 'one-on-one' : 'group';
+  const total = remote + 1;
+  grid.dataset.cols = String(total <= 4 ? 2 : total <= 9 ? 3 : 4);
+  byId('alone-note', HTMLElement).hidden = remote > 0;
+
+  // One-on-one: the remote tile first (the large one), the self view after it (the inset).
+  if (selfTile) {
+    if (remote === 1) grid.append(selfTile.element);
+    else grid.prepend(selfTile.element);
+  }
+}
+
+// ---- what arrives: active speaker, camera off, quality -----------------------------------
+
+async function readStats() {
+  const sub = subscriber;
+  if (!sub || sub.pc.connectionState === 'closed') return;
+
+  let stats;
+  try {
+    stats = await receiveStats.sample(sub.pc, sub.byMid);
+  } catch {
+    return;
+  }
+  if (sub !== subscriber) return;
+
+  const now = Date.now();
+  const previousSpeaker = state.activeSpeaker;
+  const loud = pickActiveSpeaker(stats, previousSpeaker);
+  if (loud) {
+    state.activeSpeaker = loud;
+    speakerSince = now;
+  } else if (now - speakerSince > SPEAKER_HOLD_MS) {
+    state.activeSpeaker = null;
+  }
+
+  for (const [id, tile] of tiles) {
+    const s = stats.get(id);
+    if (s?.videoFlowing) lastFrameAt.set(id, now);
+    const quality = s ? s.quality : 'unknown';
+    state.quality[id] = quality;
+    tile.update({
+      videoFlowing: now - (lastFrameAt.get(id) || 0) < VIDEO_STALL_MS,
+      quality,
+      speaking: state.activeSpeaker === id,
+    });
+  }
+  renderPanel();
+}
+
+// ---- therapist panel -------------------------------------------------------------------
+
+const therapistActions = {
+  /** @param {string} id */
+  admit: (id) => channel?.send({ type: 'admit', participant_id: id }),
+  /** @param {string} id */
+  deny: (id) => channel?.send({ type: 'deny', participant_id: id }),
+  /**
+   * @param {string} id
+   * @param {boolean} muted
+   */
+  mute: (id, muted) => channel?.send({ type: 'mute', participant_id: id, muted }),
+  /** @param {string} id */
+  remove: async (id) => {
+    const person = state.participants.find((p) => p.participant_id === id);
+    const who = person ? personLabel(person) : id;
+    const sure = await confirmDialog({
+      title: `Remove ${who}?`,
+      text: 'They leave the session now and cannot come back with the same link.',
+      confirm: 'Remove',
+    });
+    if (sure) channel?.send({ type: 'remove', participant_id: id });
+  },
+};
+
+function renderPanel() {
+  if (state.role !== 'therapist') return;
+  renderPresentList(state.participants.map((person) => ({
+    person, quality: state.quality[person.participant_id] || 'unknown',
+  })), therapistActions);
 }
 
 /** @param {ParticipantInfo[]} waiting */
@@ -351,80 +690,178 @@ function onWaitingList(waiting) {
 
   const before = new Set(state.waiting.map((p) => p.participant_id));
   state.waiting = waiting;
-  renderWaitingList(waiting, admit);
+  renderWaitingList(waiting, therapistActions);
 
   // Announce arrivals by name; otherwise only a shorter list is news.
   const arrived = waiting.filter((p) => !before.has(p.participant_id));
   if (arrived.length > 0) {
-    const who = arrived.map((p) => `${roleLabel(p.role)} ${p.participant_id}`).join(', ');
+    const who = arrived.map(personLabel).join(', ');
     announce(`${who} ${arrived.length === 1 ? 'is' : 'are'} waiting to be admitted.`);
   } else if (waiting.length < before.size) {
     announce(`${waiting.length} ${waiting.length === 1 ? 'person is' : 'people are'} waiting.`);
   }
 }
 
-/**
- * @param {string} participantId
- * @param {HTMLButtonElement} button
- */
-function admit(participantId, button) {
-  button.disabled = true;
-  button.textContent = 'Admitting…';
-  channel?.send({ type: 'admit', participant_id: participantId });
+async function endSessionForEveryone() {
+  const sure = await confirmDialog({
+    title: 'End the session for everyone?',
+    text: 'Everyone leaves the session now, including people in the waiting room, and ' +
+      'nobody can join this session again.',
+    confirm: 'End session',
+  });
+  if (sure) channel?.send({ type: 'end_session' });
 }
+
+/**
+ * @param {string} id
+ * @param {boolean} muted
+ */
+function onParticipantMuted(id, muted) {
+  const person = state.participants.find((p) => p.participant_id === id);
+  if (!person) return;
+  person.muted = muted;
+  tiles.get(id)?.update({ muted });
+  renderPanel();
+  announce(`${personLabel(person)} ${muted ? 'was muted by the therapist' : 'can be heard again'}.`);
+}
+
+/** @param {boolean} muted */
+function onMutedByTherapist(muted) {
+  state.mutedByTherapist = muted;
+  updateControls();
+  const sentence = muted
+    ? 'Your therapist muted your microphone. Others cannot hear you for now.'
+    : 'Your therapist unmuted you. Others can hear you again when your microphone is on.';
+  announce(sentence);
+  showNotice(muted ? sentence : '');
+}
+
+// ---- errors, lost connections, reconnection ---------------------------------------------
 
 /** @param {ErrorMessage} error */
 function onError(error) {
   state.error = { code: error.code, message: error.message };
   if (!CLOSING_ERROR_CODES.has(error.code)) {
     showNotice(`${error.message} (error code: ${error.code})`);
-    if (error.code === 'unknown_participant') renderWaitingList(state.waiting, admit);
     return;
   }
+  showError(error.code, error.message, error.opens_at);
+}
 
+/**
+ * @param {string} code
+ * @param {string} text
+ * @param {string} [opensAt]
+ */
+function showError(code, text, opensAt) {
   const wasInSession = state.screen === 'call';
   teardown();
 
-  let message = error.message;
-  if (error.code === 'too_early' && error.opens_at) {
-    message += ` That is ${new Date(error.opens_at).toLocaleString()} your time.`;
-  }
+  let message = text;
+  if (code === 'too_early' && opensAt) message += ` That is ${localTime(opensAt, true)} your time.`;
   byId('error-title', HTMLElement).textContent = wasInSession
     ? 'The session stopped because of an error'
     : 'You could not join the session';
   byId('error-message', HTMLElement).textContent = message;
-  byId('error-code', HTMLElement).textContent = error.code;
-  byId('error-retry-button', HTMLButtonElement).hidden = !RETRYABLE_ERRORS.has(error.code);
+  byId('error-code', HTMLElement).textContent = code;
+  byId('error-retry-button', HTMLButtonElement).hidden = !RETRYABLE_ERRORS.has(code);
   setScreen('error');
   announce(message);
 }
 
 /** @param {number} code */
 function handleClose(code) {
+  clearTimeout(attemptTimer);
   if (state.screen === 'ended' || state.screen === 'error') return;
+  if (leaving) return endStay('left');
 
-  if (leaving) endStay('You left the session.');
-  else endStay(`The connection to the session was lost (close code ${code}). ` +
-    'Choose "Join again" to go back in.');
+  const signaling = state.connection.signaling;
+  if (signaling === 'reconnecting') return scheduleReconnect();
+  if (signaling === 'connecting' && !answered) {
+    return showError('unreachable', `Haven could not be reached (close code ${code}). ` +
+      'Check your internet connection and choose "Try again".');
+  }
+  // Lost while waiting or in the session: get the place back.
+  startReconnecting();
 }
 
-/** @param {LeaveReason | string} reason */
-function leaveSentence(reason) {
-  switch (reason) {
-    case 'left': return 'You left the session.';
-    case 'connection_lost': return 'Your connection was lost. Choose "Join again" to go back in.';
-    case 'removed': return 'Your therapist removed you from the session.';
-    case 'session_ended': return 'The session has ended. Thank you for joining.';
-    case 'server_shutdown':
-      return 'The server is restarting. Choose "Join again" in a moment to go back in.';
-    default: return 'Your stay in the session ended.';
-  }
+function startReconnecting() {
+  state.connection.signaling = 'reconnecting';
+  state.reconnect.attempts = 0;
+  timing.socketLost = performance.now();
+  timing.resumedFrame = null;
+  reconnectDeadline = Date.now() + graceSeconds * 1000;
+  showBanner('Connection lost. Reconnecting… Your place in the session is kept for now.', false);
+  scheduleReconnect();
+}
+
+/** Exponential backoff with jitter, bounded by the time Haven keeps the place. */
+function scheduleReconnect() {
+  const attempt = state.reconnect.attempts;
+  const base = Math.min(RECONNECT_MAX_MS, RECONNECT_FIRST_MS * 2 ** attempt);
+  const delay = Math.round(base * (0.8 + Math.random() * 0.4));
+  if (Date.now() + delay > reconnectDeadline) return giveUpReconnecting();
+
+  state.reconnect.attempts = attempt + 1;
+  clearTimeout(reconnectTimer);
+  reconnectTimer = setTimeout(() => connect({ resume: true }), delay);
+}
+
+function giveUpReconnecting() {
+  clearTimeout(reconnectTimer);
+  state.connection.signaling = 'lost';
+  const closing = channel;
+  channel = null;
+  closing?.close();
+  teardownMedia();
+  showBanner('We could not reconnect you. Check that you are online (Wi-Fi or mobile ' +
+    'data), then choose "Try again".', true);
+}
+
+function retryNow() {
+  clearTimeout(reconnectTimer);
+  state.connection.signaling = 'reconnecting';
+  state.reconnect.attempts = 0;
+  reconnectDeadline = Date.now() + graceSeconds * 1000;
+  showBanner('Reconnecting…', false);
+  connect({ resume: true });
+}
+
+/** The socket answered again: clear the banner. */
+function reconnected() {
+  const was = state.connection.signaling;
+  state.connection.signaling = 'open';
+  clearTimeout(reconnectTimer);
+  if (was === 'reconnecting' || was === 'lost') hideBanner();
+}
+
+/**
+ * @param {string} text
+ * @param {boolean} failed whether reconnecting has stopped and needs the person
+ */
+function showBanner(text, failed) {
+  const banner = byId('reconnect-banner', HTMLElement);
+  banner.hidden = false;
+  banner.classList.toggle('failed', failed);
+  // A failure needs the person: say it at once; progress is said politely.
+  banner.setAttribute('role', failed ? 'alert' : 'status');
+  byId('reconnect-text', HTMLElement).textContent = text;
+  const retry = byId('reconnect-retry-button', HTMLButtonElement);
+  retry.hidden = !failed;
+  if (failed) retry.focus();
+}
+
+function hideBanner() {
+  byId('reconnect-banner', HTMLElement).hidden = true;
 }
 
 // ---- leaving and the end ---------------------------------------------------------------
 
 function leave() {
-  if (!channel || leaving) return;
+  if (!channel || leaving) {
+    if (state.connection.signaling === 'lost') endStay('left');
+    return;
+  }
   leaving = true;
   byId('leave-button', HTMLButtonElement).disabled = true;
   byId('waiting-leave-button', HTMLButtonElement).disabled = true;
@@ -432,101 +869,348 @@ function leave() {
 
   // Haven answers with `left` and closes; do not leave the person stuck if it does not.
   setTimeout(() => {
-    if (leaving && state.screen !== 'ended') endStay('You left the session.');
+    if (leaving && state.screen !== 'ended') endStay('left');
   }, LEAVE_TIMEOUT_MS);
 }
 
-/** @param {string} sentence */
-function endStay(sentence) {
+/** What the ended page says for each reason, and whether the link may be used again. */
+const ENDINGS = {
+  left: { title: 'You left the session', text: 'Thank you for joining.', rejoin: true },
+  session_ended: {
+    title: 'The session has ended',
+    text: 'Your therapist ended the session for everyone. Thank you for joining.', rejoin: false,
+  },
+  removed: {
+    title: 'You were removed from the session',
+    text: 'Your therapist removed you from this session. If you think this is a mistake, ' +
+      'contact your program.', rejoin: false,
+  },
+  denied: {
+    title: 'You were not let in',
+    text: 'The therapist did not admit you to this session. If you think this is a mistake, ' +
+      'contact your program. You can also try joining again.', rejoin: true,
+  },
+  replaced: {
+    title: 'The session moved to another window',
+    text: 'You opened this session again in another tab or on another device, so this page ' +
+      'was disconnected. Use the newer window, or choose "Join again" to come back here.',
+    rejoin: true,
+  },
+  connection_lost: {
+    title: 'Your connection was lost',
+    text: 'Check that you are online, then choose "Join again".', rejoin: true,
+  },
+  token_revoked: {
+    title: 'Your link no longer works',
+    text: 'This join link was withdrawn. Contact your program for a new one.', rejoin: false,
+  },
+  sponsored_client_left: {
+    title: 'The session ended for you',
+    text: 'The client you accompany has left the session, so your visit has ended too.',
+    rejoin: false,
+  },
+  server_shutdown: {
+    title: 'The session was interrupted',
+    text: 'Haven is restarting. Choose "Join again" in a minute.', rejoin: true,
+  },
+};
+
+/** @param {LeaveReason | string} reason */
+function endStay(reason) {
+  const ending = ENDINGS[/** @type {keyof typeof ENDINGS} */ (reason)] ||
+    { title: 'You are no longer in the session', text: 'Your stay in the session ended.', rejoin: true };
+  const role = state.role;
+  const joinedAt = state.joinedAt;
   teardown();
-  state.endedReason = sentence;
-  byId('ended-reason', HTMLElement).textContent = sentence;
-  byId('rejoin-button', HTMLButtonElement).hidden = !token;
+
+  state.endedReason = reason;
+  byId('ended-title', HTMLElement).textContent = ending.title;
+  byId('ended-reason', HTMLElement).textContent = ending.text;
+
+  /** @type {[string, string][]} */
+  const facts = sessionFacts(state.session);
+  if (joinedAt !== null) {
+    const minutes = Math.max(0, Math.round((Date.now() - joinedAt) / 60_000));
+    facts.push(['You were in the session',
+      `from ${localTime(new Date(joinedAt).toISOString())} to ${localTime(new Date().toISOString())} ` +
+      `(${minutes === 0 ? 'less than a minute' : minutes === 1 ? 'about 1 minute' : `about ${minutes} minutes`}` +
+      ', as this browser measured it)']);
+  }
+  renderFacts(byId('ended-facts', HTMLElement), facts);
+  // Haven does not send credited minutes to the browser yet; say where they are kept.
+  byId('ended-credit-note', HTMLElement).hidden = role !== 'client';
+  byId('rejoin-button', HTMLButtonElement).hidden = !token || !ending.rejoin;
   setScreen('ended');
-  announce(sentence);
+  announce(`${ending.title}. ${ending.text}`);
 }
 
-/** Close the socket and both connections, and turn the camera and microphone off. */
-function teardown() {
-  const closing = channel;
-  channel = null;
-  closing?.close();
-
+/** Media of the current call only: both peer connections and the remote tiles. */
+function teardownMedia() {
+  clearInterval(statsTimer);
   subscriber?.close();
   subscriber = null;
   pcs.publish?.close();
   pcs.publish = null;
   pcs.subscribe = null;
+  state.connection.publish = 'new';
+  state.connection.subscribe = 'new';
+  remoteTracks = new Map();
+  for (const tile of tiles.values()) tile.showTracks([]);
+  lastFrameAt.clear();
+}
 
+/** The call screen's content: media, tiles, participants. */
+function teardownCall() {
+  teardownMedia();
+  for (const tile of tiles.values()) tile.remove();
+  tiles.clear();
+  selfTile?.remove();
+  selfTile = null;
+  state.participants = [];
+  state.quality = {};
+  state.displaySizes = {};
+  state.activeSpeaker = null;
+  byId('grid', HTMLElement).replaceChildren();
+}
+
+/** Close the socket and both connections, and turn the camera and microphone off. */
+function teardown() {
+  clearTimeout(reconnectTimer);
+  clearTimeout(attemptTimer);
+  clearInterval(waitingTimer);
+  hideBanner();
+  const closing = channel;
+  channel = null;
+  closing?.close();
+  state.connection.signaling = 'closed';
+  resumeToken = null;
+
+  teardownCall();
+  stopMeter();
   stopLocalMedia(localStream);
   localStream = null;
-  tiles.clear();
-  remoteTracks = new Map();
-  selfTile = null;
-  byId('grid', HTMLElement).replaceChildren();
+  byId('prejoin-device-slot', HTMLElement).append(byId('device-check', HTMLElement));
 }
 
 function backToStart() {
   Object.assign(state, {
     participantId: null, role: null, therapistPresent: null, participants: [], waiting: [],
-    error: null, endedReason: null, micOn: true, cameraOn: true,
+    error: null, endedReason: null, mutedByTherapist: false, joinedAt: null,
   });
-  state.connection = { publish: 'new', subscribe: 'new' };
+  state.cameraOn = !state.audioOnly;
+  state.micOn = true;
   timing.wsOpen = null;
   timing.firstRemoteFrame = null;
+  leaving = false;
   byId('leave-button', HTMLButtonElement).disabled = false;
   byId('waiting-leave-button', HTMLButtonElement).disabled = false;
-  renderWaitingList([], admit);
+  renderWaitingList([], therapistActions);
+  showNotice('');
   setScreen('prejoin');
   startPreview();
 }
 
-// ---- microphone and camera -------------------------------------------------------------
+// ---- microphone, camera, audio only ------------------------------------------------------
 
 function updateControls() {
   const audio = localStream ? localStream.getAudioTracks() : [];
   const video = localStream ? localStream.getVideoTracks() : [];
-  for (const track of audio) track.enabled = state.micOn;
-  for (const track of video) track.enabled = state.cameraOn;
+  for (const track of audio) track.enabled = state.micOn && !state.mutedByTherapist;
 
   const mic = byId('mic-button', HTMLButtonElement);
-  mic.disabled = audio.length === 0;
+  mic.disabled = audio.length === 0 || state.mutedByTherapist;
   mic.textContent = audio.length === 0 ? 'No microphone'
-    : state.micOn ? 'Mute microphone' : 'Unmute microphone';
+    : state.mutedByTherapist ? 'Muted by your therapist'
+      : state.micOn ? 'Mute microphone' : 'Unmute microphone';
 
   const camera = byId('camera-button', HTMLButtonElement);
-  camera.disabled = video.length === 0;
-  camera.textContent = video.length === 0 ? 'No camera'
-    : state.cameraOn ? 'Turn camera off' : 'Turn camera on';
+  camera.disabled = state.audioOnly;
+  camera.textContent = state.audioOnly ? 'Camera off (audio only)'
+    : state.cameraOn && video.length > 0 ? 'Turn camera off' : 'Turn camera on';
 
-  selfTile?.video.closest('.media')?.classList.toggle('no-video', !state.cameraOn || !video.length);
+  const audioOnly = byId('audio-only-button', HTMLButtonElement);
+  audioOnly.setAttribute('aria-pressed', String(state.audioOnly));
+  audioOnly.textContent = state.audioOnly ? 'Audio only: on' : 'Audio only: off';
+
+  selfTile?.showTracks(video);
+  selfTile?.update({
+    videoFlowing: video.some((t) => t.readyState === 'live'),
+    muted: !state.micOn || state.mutedByTherapist,
+  });
+}
+
+function toggleMic() {
+  if (state.mutedByTherapist || !localStream?.getAudioTracks().length) return;
+  state.micOn = !state.micOn;
+  updateControls();
+  announce(state.micOn ? 'Microphone on.' : 'Microphone muted.');
+}
+
+/**
+ * Camera off stops the device (its light goes out) and sends nothing in its place, so
+ * others see initials rather than a black picture; camera on opens it again.
+ * @param {boolean} on
+ */
+async function setCamera(on) {
+  state.cameraOn = on;
+  if (!on) {
+    for (const track of localStream?.getVideoTracks() || []) {
+      track.stop();
+      localStream?.removeTrack(track);
+    }
+    if (pcs.publish) await replacePublishedTrack(pcs.publish, 'video', null);
+    updateControls();
+    return;
+  }
+
+  const track = await openCamera(chosen.videoId);
+  if (!track) {
+    state.cameraOn = false;
+    showNotice('Your camera could not be started. Check that no other app is using it.');
+    updateControls();
+    return;
+  }
+  if (!state.cameraOn || state.audioOnly) return track.stop();
+  if (!localStream) localStream = new MediaStream();
+  localStream.addTrack(track);
+  if (pcs.publish) await replacePublishedTrack(pcs.publish, 'video', track);
+  updateControls();
+}
+
+async function toggleCamera() {
+  if (state.audioOnly) return;
+  const on = !(state.cameraOn && (localStream?.getVideoTracks().length || 0) > 0);
+  await setCamera(on);
+  announce(state.cameraOn ? 'Camera on.' : 'Camera off.');
+}
+
+/**
+ * Audio only: stop sending video (the camera is stopped, the sender sends nothing) and stop
+ * showing incoming video. Incoming video still arrives: the protocol has no way to ask
+ * Haven to pause it yet.
+ */
+async function toggleAudioOnly() {
+  state.audioOnly = !state.audioOnly;
+  if (state.audioOnly) {
+    await setCamera(false);
+  } else {
+    await setCamera(true);
+  }
+  showRemoteTracks(remoteTracks);
+  updateControls();
+  announce(state.audioOnly
+    ? 'Audio only is on. Your camera is off and video of others is hidden.'
+    : 'Audio only is off.');
+}
+
+// ---- keyboard shortcuts ------------------------------------------------------------------
+
+function readShortcutSetting() {
+  try {
+    return window.localStorage.getItem('haven.shortcuts') !== 'off';
+  } catch {
+    return true;
+  }
+}
+
+/** @param {KeyboardEvent} event */
+function onShortcut(event) {
+  if (!shortcutsEnabled || state.screen !== 'call') return;
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+  const target = event.target;
+  if (target instanceof HTMLInputElement || target instanceof HTMLSelectElement ||
+    target instanceof HTMLTextAreaElement) return;
+  if (document.querySelector('dialog[open]')) return;
+
+  const key = event.key.toLowerCase();
+  if (key === 'm') toggleMic();
+  else if (key === 'v') toggleCamera();
+  else if (key === 'a') toggleAudioOnly();
+  else if (key === '?') openHelp();
+  else return;
+  event.preventDefault();
+}
+
+function openHelp() {
+  const dialog = byId('help-dialog', HTMLDialogElement);
+  byId('shortcuts-enabled', HTMLInputElement).checked = shortcutsEnabled;
+  dialog.showModal();
+  byId('help-close', HTMLButtonElement).focus();
 }
 
 // ---- start -----------------------------------------------------------------------------
 
-byId('join-button', HTMLButtonElement).addEventListener('click', connect);
-byId('join-no-camera-button', HTMLButtonElement).addEventListener('click', joinWithoutCamera);
+byId('join-button', HTMLButtonElement).addEventListener('click', () => {
+  state.cameraOn = !state.audioOnly && (localStream?.getVideoTracks().length || 0) > 0;
+  connect({ resume: false });
+});
+byId('join-no-media-button', HTMLButtonElement).addEventListener('click', () => {
+  announce('Joining without camera or microphone. Others will not see or hear you.');
+  state.cameraOn = false;
+  connect({ resume: false });
+});
 byId('retry-media-button', HTMLButtonElement).addEventListener('click', startPreview);
+byId('audio-only-check', HTMLInputElement).addEventListener('change', (event) => {
+  state.audioOnly = event.target instanceof HTMLInputElement && event.target.checked;
+  state.cameraOn = !state.audioOnly;
+  startPreview();
+});
+byId('camera-select', HTMLSelectElement).addEventListener('change', (event) => {
+  if (event.target instanceof HTMLSelectElement) chosen.videoId = event.target.value;
+  startPreview();
+});
+byId('mic-select', HTMLSelectElement).addEventListener('change', (event) => {
+  if (event.target instanceof HTMLSelectElement) chosen.audioId = event.target.value;
+  startPreview();
+});
+
 byId('waiting-leave-button', HTMLButtonElement).addEventListener('click', leave);
 byId('leave-button', HTMLButtonElement).addEventListener('click', leave);
 byId('rejoin-button', HTMLButtonElement).addEventListener('click', backToStart);
 byId('error-retry-button', HTMLButtonElement).addEventListener('click', backToStart);
+byId('reconnect-retry-button', HTMLButtonElement).addEventListener('click', retryNow);
+byId('end-session-button', HTMLButtonElement).addEventListener('click', endSessionForEveryone);
 
-byId('mic-button', HTMLButtonElement).addEventListener('click', () => {
-  state.micOn = !state.micOn;
-  updateControls();
-  announce(state.micOn ? 'Microphone on.' : 'Microphone muted.');
+byId('mic-button', HTMLButtonElement).addEventListener('click', toggleMic);
+byId('camera-button', HTMLButtonElement).addEventListener('click', toggleCamera);
+byId('audio-only-button', HTMLButtonElement).addEventListener('click', toggleAudioOnly);
+byId('help-button', HTMLButtonElement).addEventListener('click', openHelp);
+byId('help-close', HTMLButtonElement).addEventListener('click', () => {
+  byId('help-dialog', HTMLDialogElement).close();
+  byId('help-button', HTMLButtonElement).focus();
 });
-byId('camera-button', HTMLButtonElement).addEventListener('click', () => {
-  state.cameraOn = !state.cameraOn;
-  updateControls();
-  announce(state.cameraOn ? 'Camera on.' : 'Camera off.');
+byId('shortcuts-enabled', HTMLInputElement).addEventListener('change', (event) => {
+  shortcutsEnabled = event.target instanceof HTMLInputElement && event.target.checked;
+  try {
+    window.localStorage.setItem('haven.shortcuts', shortcutsEnabled ? 'on' : 'off');
+  } catch {
+    // Private browsing may refuse storage; the choice then lasts for this page only.
+  }
+});
+document.addEventListener('keydown', onShortcut);
+
+// The level meter's audio context may need a user gesture to run.
+document.addEventListener('pointerdown', () => meter?.resume());
+document.addEventListener('keydown', () => meter?.resume());
+
+// Back online: do not wait for the next scheduled attempt.
+window.addEventListener('online', () => {
+  if (state.connection.signaling === 'reconnecting') {
+    clearTimeout(reconnectTimer);
+    connect({ resume: true });
+  }
 });
 
 // Closing the tab ends the stay on Haven's side too; close cleanly so it knows at once.
-window.addEventListener('pagehide', () => channel?.close());
+window.addEventListener('pagehide', () => {
+  const closing = channel;
+  channel = null;
+  closing?.close();
+});
 
 if (token) {
+  if (preview?.session) state.session = preview.session;
+  showSession(state.session);
   startPreview();
 } else {
   byId('error-message', HTMLElement).textContent =

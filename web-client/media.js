@@ -1,6 +1,7 @@
 // @ts-check
-// Camera and microphone, and the two peer connections with Haven's SFU: `publish` carries
-// what this browser sends, `subscribe` what it receives (see docs/protocol.md).
+// Camera and microphone, the level meter, and the two peer connections with Haven's SFU:
+// `publish` carries what this browser sends, `subscribe` what it receives (see
+// docs/protocol.md).
 
 /** @typedef {import('./signaling.js').TrackInfo} TrackInfo */
 /** @typedef {import('./signaling.js').SubscribeOfferMessage} SubscribeOfferMessage */
@@ -12,57 +13,114 @@
  */
 const PEER_CONFIG = { iceServers: [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
 
+/** What the camera is asked for: enough for a tile, light enough for a phone's upload. */
+const VIDEO_CONSTRAINTS = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 24 } };
+
+/**
+ * Why a device could not be opened, as the page explains it.
+ * @typedef {'denied' | 'missing' | 'busy' | 'unsupported' | 'failed'} MediaProblem
+ */
+
 /**
  * @typedef {object} LocalMedia
  * @property {MediaStream | null} stream
- * @property {string | null} problem a sentence for the person when a device was not opened
+ * @property {MediaProblem | null} problem what went wrong with what was asked for
+ * @property {boolean} hasVideo
+ * @property {boolean} hasAudio
  */
 
 /**
- * Open the microphone, and the camera when asked for.
- * @param {{video: boolean}} wanted
+ * @typedef {object} DeviceChoice
+ * @property {boolean} video whether to open a camera at all
+ * @property {string} [audioId] a deviceId from enumerateDevices, or '' for the default
+ * @property {string} [videoId]
+ */
+
+/**
+ * Open the microphone and, when asked, the camera. When both were asked for and the camera
+ * alone fails (none, or busy), the microphone is still opened, so the person can join with
+ * audio only; `problem` then says what happened to the camera.
+ * @param {DeviceChoice} choice
  * @returns {Promise<LocalMedia>}
  */
-export async function openLocalMedia(wanted) {
+export async function openLocalMedia(choice) {
   if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
-    return {
-      stream: null,
-      problem: 'This browser cannot use a camera or microphone on this page. ' +
-        'Try a current version of Chrome, Edge, Firefox or Safari.',
-    };
+    return { stream: null, problem: 'unsupported', hasVideo: false, hasAudio: false };
   }
 
-  const video = wanted.video
-    ? { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 24 } }
+  const audio = choice.audioId ? { deviceId: { exact: choice.audioId } } : true;
+  const video = choice.video
+    ? { ...VIDEO_CONSTRAINTS, ...(choice.videoId ? { deviceId: { exact: choice.videoId } } : {}) }
     : false;
   try {
-    const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video });
-    return { stream, problem: null };
+    const stream = await navigator.mediaDevices.getUserMedia({ audio, video });
+    return { stream, problem: null, hasVideo: !!video, hasAudio: true };
   } catch (error) {
-    return { stream: null, problem: describeMediaError(error) };
+    const problem = classifyMediaError(error);
+    if (!video || problem === 'denied' || problem === 'unsupported') {
+      return { stream: null, problem, hasVideo: false, hasAudio: false };
+    }
+    // The camera may be what failed: try the microphone alone.
+    try {
+      const stream = await navigator.mediaDevices.getUserMedia({ audio, video: false });
+      return { stream, problem, hasVideo: false, hasAudio: true };
+    } catch {
+      return { stream: null, problem, hasVideo: false, hasAudio: false };
+    }
   }
 }
 
-/** @param {unknown} error */
-function describeMediaError(error) {
+/**
+ * Open the camera alone (turning it back on during a session).
+ * @param {string} [videoId]
+ * @returns {Promise<MediaStreamTrack | null>}
+ */
+export async function openCamera(videoId) {
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({
+      audio: false,
+      video: { ...VIDEO_CONSTRAINTS, ...(videoId ? { deviceId: { exact: videoId } } : {}) },
+    });
+    return stream.getVideoTracks()[0] || null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * @param {unknown} error
+ * @returns {MediaProblem}
+ */
+function classifyMediaError(error) {
   const name = error instanceof DOMException ? error.name : '';
   switch (name) {
     case 'NotAllowedError':
     case 'SecurityError':
-      return 'Camera and microphone access is blocked. Allow it in your browser\'s site ' +
-        'settings and choose "Try again", or join without your camera.';
+      return 'denied';
     case 'NotFoundError':
     case 'OverconstrainedError':
-      return 'No camera or microphone was found. Connect one and choose "Try again", ' +
-        'or join without your camera.';
+      return 'missing';
     case 'NotReadableError':
     case 'AbortError':
-      return 'Your camera or microphone is being used by another app. Close that app and ' +
-        'choose "Try again", or join without your camera.';
+      return 'busy';
     default:
-      return 'Your camera or microphone could not be started. Choose "Try again", ' +
-        'or join without your camera.';
+      return 'failed';
   }
+}
+
+/**
+ * The cameras and microphones the browser lists. Labels are empty until access is granted.
+ * @returns {Promise<{cameras: MediaDeviceInfo[], microphones: MediaDeviceInfo[]}>}
+ */
+export async function listDevices() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) {
+    return { cameras: [], microphones: [] };
+  }
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  return {
+    cameras: devices.filter((d) => d.kind === 'videoinput' && d.deviceId !== ''),
+    microphones: devices.filter((d) => d.kind === 'audioinput' && d.deviceId !== ''),
+  };
 }
 
 /** Stop every device light this stream holds. @param {MediaStream | null} stream */
@@ -71,8 +129,45 @@ export function stopLocalMedia(stream) {
 }
 
 /**
+ * The microphone level of a stream, from a WebAudio AnalyserNode: the RMS of the waveform,
+ * scaled so that normal speech reaches the top third of the meter.
+ */
+export class LevelMeter {
+  /** @param {MediaStream} stream with at least one audio track */
+  constructor(stream) {
+    this.context = new AudioContext();
+    this.analyser = this.context.createAnalyser();
+    this.analyser.fftSize = 512;
+    this.samples = new Float32Array(this.analyser.fftSize);
+    this.source = this.context.createMediaStreamSource(stream);
+    this.source.connect(this.analyser);
+    // Autoplay rules may start the context suspended until the page has had a click.
+    this.context.resume().catch(() => {});
+  }
+
+  /** @returns {number} 0 (silence) to 1 (loud) */
+  level() {
+    this.analyser.getFloatTimeDomainData(this.samples);
+    let sum = 0;
+    for (const s of this.samples) sum += s * s;
+    const rms = Math.sqrt(sum / this.samples.length);
+    return Math.min(1, rms * 4);
+  }
+
+  resume() {
+    if (this.context.state === 'suspended') this.context.resume().catch(() => {});
+  }
+
+  close() {
+    this.source.disconnect();
+    this.context.close().catch(() => {});
+  }
+}
+
+/**
  * The publish connection: one audio and one video m-line, both send-only. A missing
- * device still gets its m-line (with no track), so the offer always has the same shape.
+ * device still gets its m-line (with no track), so the offer always has the same shape
+ * and a camera turned on later only needs `replaceTrack`, not a new negotiation.
  * @param {MediaStream | null} stream
  * @param {(candidate: string) => void} onCandidate an empty string marks the end
  */
@@ -89,6 +184,19 @@ export function createPublishConnection(stream, onCandidate) {
     onCandidate(event.candidate ? event.candidate.candidate : '');
   });
   return pc;
+}
+
+/**
+ * Send this track (or nothing) on the publish connection's m-line of its kind. With `null`
+ * the browser stops sending that kind at once; Haven's subscribers see its frames stop.
+ * @param {RTCPeerConnection} pc
+ * @param {'audio' | 'video'} kind
+ * @param {MediaStreamTrack | null} track
+ */
+export async function replacePublishedTrack(pc, kind, track) {
+  const transceiver = pc.getTransceivers()
+    .find((t) => (t.sender.track?.kind || t.receiver.track.kind) === kind);
+  if (transceiver) await transceiver.sender.replaceTrack(track);
 }
 
 /**

@@ -4,7 +4,11 @@
 
 /** @typedef {'client' | 'therapist' | 'sponsor' | 'auditor'} Role */
 
-/** @typedef {'left' | 'connection_lost' | 'removed' | 'session_ended' | 'server_shutdown'} LeaveReason */
+/**
+ * Why a stay ended (`left`) or why someone else left (`participant_left`).
+ * @typedef {'left' | 'replaced' | 'denied' | 'connection_lost' | 'removed' | 'session_ended'
+ *   | 'token_revoked' | 'sponsored_client_left' | 'server_shutdown'} LeaveReason
+ */
 
 /**
  * @typedef {object} SessionInfo
@@ -18,6 +22,8 @@
  * @typedef {object} ParticipantInfo
  * @property {string} participant_id
  * @property {Role} role
+ * @property {string | null} [display_name] for screens only
+ * @property {boolean} [muted] muted by the therapist
  */
 
 /**
@@ -27,16 +33,20 @@
  * @property {string} participant_id
  * @property {'audio' | 'video'} kind
  * @property {boolean} [active] false for an m-line left inactive by someone who left
- *   (sent by Haven, not yet in docs/protocol.md)
  */
 
 /**
  * @typedef {{type: 'joined', protocol: number, participant_id: string, role: Role,
- *   session: SessionInfo, participants: ParticipantInfo[]}} JoinedMessage
+ *   session: SessionInfo, participants: ParticipantInfo[], display_name?: string | null,
+ *   resume_token?: string, resume_grace_seconds?: number, resumed?: boolean,
+ *   muted?: boolean}} JoinedMessage
  * @typedef {{type: 'waiting', session: SessionInfo, therapist_present: boolean}} WaitingMessage
  * @typedef {{type: 'waiting_list', waiting: ParticipantInfo[]}} WaitingListMessage
- * @typedef {{type: 'participant_joined', participant_id: string, role: Role}} ParticipantJoinedMessage
+ * @typedef {{type: 'participant_joined', participant_id: string, role: Role,
+ *   display_name?: string | null, muted?: boolean}} ParticipantJoinedMessage
  * @typedef {{type: 'participant_left', participant_id: string, reason: LeaveReason}} ParticipantLeftMessage
+ * @typedef {{type: 'muted', muted: boolean}} MutedMessage
+ * @typedef {{type: 'participant_muted', participant_id: string, muted: boolean}} ParticipantMutedMessage
  * @typedef {{type: 'publish_answer', sdp: string}} PublishAnswerMessage
  * @typedef {{type: 'subscribe_offer', negotiation: number, sdp: string, tracks: TrackInfo[]}} SubscribeOfferMessage
  * @typedef {{type: 'left', reason: LeaveReason}} LeftMessage
@@ -46,16 +56,20 @@
 
 /**
  * @typedef {JoinedMessage | WaitingMessage | WaitingListMessage | ParticipantJoinedMessage
- *   | ParticipantLeftMessage | PublishAnswerMessage | SubscribeOfferMessage | LeftMessage
- *   | PongMessage | ErrorMessage} ServerMessage
+ *   | ParticipantLeftMessage | MutedMessage | ParticipantMutedMessage | PublishAnswerMessage
+ *   | SubscribeOfferMessage | LeftMessage | PongMessage | ErrorMessage} ServerMessage
  */
 
 /**
- * @typedef {{type: 'join', token: string}
+ * @typedef {{type: 'join', token: string, resume?: string}
  *   | {type: 'publish_offer', sdp: string}
  *   | {type: 'subscribe_answer', negotiation: number, sdp: string}
  *   | {type: 'candidate', pc: 'publish' | 'subscribe', candidate: string}
  *   | {type: 'admit', participant_id: string}
+ *   | {type: 'deny', participant_id: string}
+ *   | {type: 'mute', participant_id: string, muted: boolean}
+ *   | {type: 'remove', participant_id: string}
+ *   | {type: 'end_session'}
  *   | {type: 'leave'}
  *   | {type: 'ping'}} ClientMessage
  */
@@ -69,7 +83,7 @@ export const PING_INTERVAL_MS = 10_000;
  */
 export const CLOSING_ERROR_CODES = new Set([
   'join_required', 'token_invalid', 'token_expired', 'too_early', 'session_over',
-  'wrong_audience', 'role_not_allowed', 'room_full', 'internal',
+  'wrong_audience', 'role_not_allowed', 'sponsor_not_allowed', 'token_revoked', 'internal',
 ]);
 
 /**
@@ -79,6 +93,48 @@ export const CLOSING_ERROR_CODES = new Set([
 export function signalingUrl(location) {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${location.host}/ws`;
+}
+
+/**
+ * What the join token says about the session, read before connecting so the pre-join
+ * screen can name the session and its time. The signature is not checked here (Haven
+ * checks it); nothing read here decides anything but what the page shows.
+ * @typedef {object} TokenPreview
+ * @property {Role | null} role
+ * @property {string | null} subject
+ * @property {string | null} name
+ * @property {SessionInfo | null} session
+ */
+
+/**
+ * @param {string} token
+ * @returns {TokenPreview}
+ */
+export function previewToken(token) {
+  const empty = { role: null, subject: null, name: null, session: null };
+  const payload = token.split('.')[1];
+  if (!payload) return empty;
+
+  try {
+    const base64 = payload.replace(/-/g, '+').replace(/_/g, '/');
+    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    const s = claims && typeof claims.session === 'object' ? claims.session : null;
+    const text = (/** @type {unknown} */ v) => (typeof v === 'string' ? v : null);
+    const role = text(claims.role);
+    return {
+      role: role === 'client' || role === 'therapist' || role === 'sponsor' || role === 'auditor'
+        ? role : null,
+      subject: text(claims.sub),
+      name: text(claims.name),
+      session: s && text(s.id) ? {
+        id: String(s.id), kind: text(s.kind) || '', starts_at: text(s.starts_at) || '',
+        ends_at: text(s.ends_at) || '',
+      } : null,
+    };
+  } catch {
+    return empty;
+  }
 }
 
 /**

@@ -17,39 +17,80 @@
 //! | TEXT | `0x03`, length as 8 bytes big-endian, the UTF-8 bytes |
 //! | BLOB | `0x04`, length as 8 bytes big-endian, the bytes |
 //!
-//! The hash is computed from the values exactly as SQLite stores them, so verification needs no
-//! knowledge of what the columns mean and also catches a change of storage class.
+//! The hash is computed from the values exactly as the database stores them ([`Cell`]), so
+//! verification needs no knowledge of what the columns mean and, on SQLite, also catches a
+//! change of storage class. PostgreSQL columns are typed, so there a value always reads back
+//! as the class it was written with, and both backends produce the same hashes for the same
+//! entries.
+//!
+//! The audit log of reads is a second chain with the same encoding over its own columns
+//! (`seq`, `auditor_id`, `what`, `at`, `prev_hash`).
 
-use rusqlite::types::ValueRef;
 use sha2::{Digest, Sha256};
+
+/// One stored value, as read back from either backend.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Cell {
+    #[default]
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Cell {
+    pub(crate) fn text(s: impl Into<String>) -> Cell {
+        Cell::Text(s.into())
+    }
+
+    pub(crate) fn opt_text(s: Option<impl Into<String>>) -> Cell {
+        s.map_or(Cell::Null, |s| Cell::Text(s.into()))
+    }
+
+    pub(crate) fn as_text(&self) -> Option<&str> {
+        match self {
+            Cell::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_integer(&self) -> Option<i64> {
+        match self {
+            Cell::Integer(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
 
 /// The `prev_hash` of the first entry.
 pub(crate) const GENESIS_HASH: &str =
     "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Hex SHA-256 of one entry, given its eight hashed columns in the order above.
-pub(crate) fn entry_hash(prev_hash: &str, columns: &[ValueRef<'_>; 8]) -> String {
+/// Hex SHA-256 of one row, given its hashed columns in order (eight for an entry, five for
+/// a read in the audit log).
+pub(crate) fn entry_hash(prev_hash: &str, columns: &[Cell]) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     for value in columns {
-        encode(&mut h, *value);
+        encode(&mut h, value);
     }
     hex::encode(h.finalize())
 }
 
-fn encode(h: &mut Sha256, value: ValueRef<'_>) {
+fn encode(h: &mut Sha256, value: &Cell) {
     match value {
-        ValueRef::Null => h.update([0x00]),
-        ValueRef::Integer(i) => {
+        Cell::Null => h.update([0x00]),
+        Cell::Integer(i) => {
             h.update([0x01]);
             h.update(i.to_be_bytes());
         }
-        ValueRef::Real(f) => {
+        Cell::Real(f) => {
             h.update([0x02]);
             h.update(f.to_bits().to_be_bytes());
         }
-        ValueRef::Text(bytes) => with_len(h, 0x03, bytes),
-        ValueRef::Blob(bytes) => with_len(h, 0x04, bytes),
+        Cell::Text(s) => with_len(h, 0x03, s.as_bytes()),
+        Cell::Blob(bytes) => with_len(h, 0x04, bytes),
     }
 }
 
@@ -65,16 +106,16 @@ fn with_len(h: &mut Sha256, tag: u8, bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    fn row<'a>(session: &'a str, participant: Option<&'a str>) -> [ValueRef<'a>; 8] {
+    fn row(session: &str, participant: Option<&str>) -> [Cell; 8] {
         [
-            ValueRef::Integer(1),
-            ValueRef::Text(session.as_bytes()),
-            participant.map_or(ValueRef::Null, |p| ValueRef::Text(p.as_bytes())),
-            ValueRef::Null,
-            ValueRef::Text(br#"{"type":"admitted"}"#),
-            ValueRef::Integer(1_000),
-            ValueRef::Integer(2_000),
-            ValueRef::Text(GENESIS_HASH.as_bytes()),
+            Cell::Integer(1),
+            Cell::text(session),
+            Cell::opt_text(participant),
+            Cell::Null,
+            Cell::text(r#"{"type":"admitted"}"#),
+            Cell::Integer(1_000),
+            Cell::Integer(2_000),
+            Cell::text(GENESIS_HASH),
         ]
     }
 
@@ -97,7 +138,7 @@ mod tests {
     #[test]
     fn integer_and_text_of_same_digits_hash_differently() {
         let mut text = row("sess-001", None);
-        text[5] = ValueRef::Text(b"1000");
+        text[5] = Cell::text("1000");
 
         assert_ne!(
             entry_hash(GENESIS_HASH, &row("sess-001", None)),

@@ -1,42 +1,57 @@
-//! Counting rules: from a session's entries to connected and credited time per participant.
+//! Counting rules: from a session's entries to stays, connected and credited time.
 //!
-//! The rules, in the order they apply:
+//! The rules, in the order they apply (`docs/attendance.md` gives the reason for each):
 //!
-//! 1. Entries are taken in time order (`at`, then `seq` for equal times). A `MediaLost` is
-//!    stamped with the last packet's time, so it may be recorded after events that happened
-//!    later; time order puts it where it belongs.
-//! 2. A participant's media is *flowing* while they are admitted (after `Admitted`, before
+//! 1. Amendments are taken out first. A [`Correction::VoidEntry`] removes the entry it names
+//!    (of this session) before anything else is counted; voiding a void has no effect.
+//! 2. The remaining entries are taken in time order (`at`, then `seq` for equal times). A
+//!    `MediaLost` is stamped with the last packet's time, so it may be recorded after events
+//!    that happened later; time order puts it where it belongs.
+//! 3. A participant's media is *flowing* while they are admitted (after `Admitted`, before
 //!    `Left`) and their media is up (after `MediaConnected` or `MediaRestored`, before
 //!    `MediaLost`). Waiting-room time never counts because it is before `Admitted`.
-//! 3. `SessionEnded` ends every stay. Events after it open nothing.
-//! 4. A stay still open after the last entry ends at the `at` of the session's last entry, the
+//! 4. `SessionEnded` ends every stay. Events after it open nothing.
+//! 5. A stay still open after the last entry ends at the `at` of the session's last entry, the
 //!    last proof that the server was running the session; it is never extended to "now".
-//! 5. The window is `[starts_at, ends_at + overrun_allowance]` from the session's first
+//!    (Crash recovery closes such stays explicitly at the node's last heartbeat.)
+//! 6. [`Correction::AddPresence`] adds flowing time, [`Correction::RemovePresence`] removes
+//!    it, both before crediting, so a correction is credited by the same rules as media.
+//! 7. Stays: flowing stretches separated by a media drop no longer than the grace period are
+//!    one stay (the gap is not credited); a longer drop ends the stay with `connection_lost`
+//!    and the next stretch starts a new one. `Left` always ends the stay.
+//! 8. The window is `[starts_at, ends_at + overrun_allowance]` from the session's first
 //!    `SessionOpened` (by `seq`). Without one, nobody is credited.
-//! 6. Credited time: clients get their flowing time that overlaps the flowing time of at least
+//! 9. Credited time: clients get their flowing time that overlaps the flowing time of at least
 //!    one therapist, inside the window; two therapists at once count once. Therapists get their
 //!    flowing time inside the window (whether or not a client was there). Sponsors and
 //!    auditors get none: their time never adds to a client's hours.
+//! 10. Modality: media counts as video until a `ModalityChanged` says audio only, and again
+//!     after each `Left`; every stretch of a stay carries its modality.
 //!
 //! Times are counted in whole nanoseconds and turned into `f64` seconds only at the end, so
-//! nothing is rounded here; rounding is for the report formats.
+//! nothing is rounded here; rounding is a report option ([`crate::Rounding`]).
+
+use std::collections::HashSet;
 
 use haven_ids::{ParticipantId, Role, SessionId, SessionKind};
 use time::{Duration, OffsetDateTime};
 
-use crate::{Entry, EventKind, LeaveReason, Modality};
+use crate::{AgeGroup, Correction, Entry, EventKind, LeaveReason, Modality, StaffId};
 
-/// What the program configures about counting.
+/// What the program configures about counting one session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CountingRules {
     /// How long after the scheduled end time still counts. A negative value counts as zero.
     pub overrun_allowance: Duration,
+    /// The longest media drop that keeps one stay. A negative value counts as zero.
+    pub grace: Duration,
 }
 
 impl Default for CountingRules {
     fn default() -> Self {
         CountingRules {
             overrun_allowance: Duration::minutes(15),
+            grace: Duration::seconds(30),
         }
     }
 }
@@ -59,6 +74,8 @@ pub struct SessionReport {
 pub struct ParticipantReport {
     pub participant_id: ParticipantId,
     pub role: Role,
+    /// The last age group recorded or amended for this participant in the session.
+    pub age_group: Option<AgeGroup>,
     /// The first `Admitted`.
     pub joined_at: Option<OffsetDateTime>,
     /// When the last stay ended (`Left`, or `SessionEnded` while in the room); `None` if the
@@ -69,9 +86,46 @@ pub struct ParticipantReport {
     pub connected_seconds: f64,
     /// The time that counts toward the program's requirement (see the module rules).
     pub credited_seconds: f64,
-    /// The part of `credited_seconds` spent audio-only. Media counts as video until a
-    /// `ModalityChanged` says otherwise, and again after each `Left`.
+    /// The part of `credited_seconds` spent audio-only; the rest is video.
     pub credited_audio_only_seconds: f64,
+    /// Each stay with its stretches.
+    pub stays: Vec<StayReport>,
+    /// The credited time itself, sorted and not overlapping: what days and weeks add up.
+    pub credited: Vec<(OffsetDateTime, OffsetDateTime)>,
+    /// Amendments applied to this participant, in ledger order.
+    pub amendments: Vec<AppliedAmendment>,
+}
+
+/// One stay: media flowing, with drops no longer than the grace period inside it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StayReport {
+    pub started_at: OffsetDateTime,
+    pub ended_at: OffsetDateTime,
+    /// `None` when the stay was still open at the last entry.
+    pub end_reason: Option<LeaveReason>,
+    pub connected_seconds: f64,
+    pub credited_seconds: f64,
+    /// Flowing stretches in time order, each with one modality.
+    pub stretches: Vec<Stretch>,
+}
+
+/// A stretch of flowing media with one modality.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stretch {
+    pub from: OffsetDateTime,
+    pub to: OffsetDateTime,
+    pub modality: Modality,
+    pub credited_seconds: f64,
+}
+
+/// An amendment as a report shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedAmendment {
+    pub seq: u64,
+    pub at: OffsetDateTime,
+    pub author: StaffId,
+    pub reason: String,
+    pub correction: Correction,
 }
 
 /// Computes the report of one session.
@@ -80,9 +134,30 @@ pub struct ParticipantReport {
 /// result of [`Ledger::session_events`](crate::Ledger::session_events).
 pub fn session_report(entries: &[Entry], rules: &CountingRules) -> SessionReport {
     let session_id = entries.first().map(|e| e.event.session_id.clone());
-    let mut ours: Vec<&Entry> = entries
+    let ours: Vec<&Entry> = entries
         .iter()
         .filter(|e| Some(&e.event.session_id) == session_id.as_ref())
+        .collect();
+
+    // Rule 1: voids first.
+    let void_seqs: HashSet<u64> = ours
+        .iter()
+        .filter(|e| matches!(&e.event.kind, EventKind::Amended(a) if matches!(a.correction, Correction::VoidEntry { .. })))
+        .map(|e| e.seq)
+        .collect();
+    let voided: HashSet<u64> = ours
+        .iter()
+        .filter_map(|e| match &e.event.kind {
+            EventKind::Amended(a) => match a.correction {
+                Correction::VoidEntry { seq } if !void_seqs.contains(&seq) => Some(seq),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let mut ours: Vec<&Entry> = ours
+        .into_iter()
+        .filter(|e| !voided.contains(&e.seq))
         .collect();
 
     let opened = ours.iter().find_map(|e| match &e.event.kind {
@@ -96,40 +171,53 @@ pub fn session_report(entries: &[Entry], rules: &CountingRules) -> SessionReport
     });
 
     ours.sort_by_key(|e| (e.event.at, e.seq));
-    let stays = replay(&ours);
+    let mut people = replay(&ours);
+    for p in &mut people {
+        p.apply_amendments();
+    }
 
     let allowance = rules.overrun_allowance.max(Duration::ZERO);
+    let grace = nanos_of(rules.grace.max(Duration::ZERO));
     // An allowance too large to add means "no end", not a panic.
     let window_end = |end: &OffsetDateTime| end.checked_add(allowance).map_or(i128::MAX, nanos);
     let window = opened
         .as_ref()
         .map(|(_, start, end, _)| vec![(nanos(*start), window_end(end))]);
     let therapists = union(
-        stays
+        people
             .iter()
             .filter(|s| s.role == Role::Therapist)
-            .flat_map(|s| s.flowing.clone())
+            .flat_map(|s| s.flowing())
             .collect(),
     );
 
-    let participants = stays
+    let participants = people
         .into_iter()
-        .map(|s| {
-            let credited = match (&window, s.role) {
-                (Some(w), Role::Client) => intersect(&intersect(&s.flowing, &therapists), w),
-                (Some(w), Role::Therapist) => intersect(&s.flowing, w),
+        .map(|p| {
+            let flowing = p.flowing();
+            let credited = match (&window, p.role) {
+                (Some(w), Role::Client) => intersect(&intersect(&flowing, &therapists), w),
+                (Some(w), Role::Therapist) => intersect(&flowing, w),
                 _ => Vec::new(),
             };
-            let audio_only = intersect(&credited, &union(s.audio_only));
+            let audio = union(p.audio_only.clone());
+            let stays = p.stays(grace, &credited, &audio);
             ParticipantReport {
-                participant_id: s.participant_id,
-                role: s.role,
-                joined_at: s.joined_at,
-                left_at: s.left.map(|(at, _)| at),
-                left_reason: s.left.map(|(_, r)| r),
-                connected_seconds: seconds(&s.flowing),
+                connected_seconds: seconds(&flowing),
                 credited_seconds: seconds(&credited),
-                credited_audio_only_seconds: seconds(&audio_only),
+                credited_audio_only_seconds: seconds(&intersect(&credited, &audio)),
+                credited: credited
+                    .iter()
+                    .map(|&(s, e)| (time_of(s), time_of(e)))
+                    .collect(),
+                stays,
+                participant_id: p.participant_id,
+                role: p.role,
+                age_group: p.age_group,
+                joined_at: p.joined_at,
+                left_at: p.left.map(|(at, _)| at),
+                left_reason: p.left.map(|(_, r)| r),
+                amendments: p.amendments,
             }
         })
         .collect();
@@ -144,46 +232,77 @@ pub fn session_report(entries: &[Entry], rules: &CountingRules) -> SessionReport
     }
 }
 
+/// Participants admitted and not yet gone at the end of these entries (what crash recovery
+/// must close), in order of first appearance.
+pub(crate) fn open_participants(entries: &[Entry]) -> Vec<(ParticipantId, Role)> {
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by_key(|e| (e.event.at, e.seq));
+    replay(&sorted)
+        .into_iter()
+        .filter(|p| p.admitted)
+        .map(|p| (p.participant_id, p.role))
+        .collect()
+}
+
 /// A half-open interval `[start, end)` in unix nanoseconds.
 type Span = (i128, i128);
 
+/// How a flowing interval ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cause {
+    MediaLost,
+    Left(LeaveReason),
+    /// Still flowing at the last entry.
+    Open,
+    /// Added by an amendment.
+    Amended,
+}
+
 /// One participant's replayed state and the intervals found so far.
-struct Stay {
+struct Person {
     participant_id: ParticipantId,
     role: Role,
     admitted: bool,
     media_up: bool,
     flowing_since: Option<i128>,
-    flowing: Vec<Span>,
+    intervals: Vec<(i128, i128, Cause)>,
     audio_since: Option<i128>,
     audio_only: Vec<Span>,
     joined_at: Option<OffsetDateTime>,
     left: Option<(OffsetDateTime, LeaveReason)>,
+    age_group: Option<AgeGroup>,
+    pending: Vec<AppliedAmendment>,
+    amendments: Vec<AppliedAmendment>,
 }
 
-impl Stay {
+impl Person {
     fn new(participant_id: ParticipantId, role: Role) -> Self {
-        Stay {
+        Person {
             participant_id,
             role,
             admitted: false,
             media_up: false,
             flowing_since: None,
-            flowing: Vec::new(),
+            intervals: Vec::new(),
             audio_since: None,
             audio_only: Vec::new(),
             joined_at: None,
             left: None,
+            age_group: None,
+            pending: Vec::new(),
+            amendments: Vec::new(),
         }
     }
 
     /// Opens or closes the flowing interval after `admitted` or `media_up` changed at `t`.
-    fn settle(&mut self, t: i128) {
+    fn settle(&mut self, t: i128, cause: Cause) {
         let flowing = self.admitted && self.media_up;
         match (flowing, self.flowing_since) {
             (true, None) => self.flowing_since = Some(t),
             (false, Some(since)) => {
-                push(&mut self.flowing, since, t);
+                if t > since {
+                    self.intervals.push((since, t, cause));
+                }
                 self.flowing_since = None;
             }
             _ => {}
@@ -199,36 +318,147 @@ impl Stay {
     /// Closes intervals still open at the end of the ledger, without marking a departure.
     fn close_open(&mut self, t: i128) {
         if let Some(since) = self.flowing_since.take() {
-            push(&mut self.flowing, since, t);
+            if t > since {
+                self.intervals.push((since, t, Cause::Open));
+            }
         }
         self.end_audio_only(t);
     }
 
-    /// Ends the stay at `t`: out of the room, media down, back to video.
-    fn end(&mut self, t: i128) {
+    /// Ends the stay at `t`: out of the room, media down, back to video. A `Left` while the
+    /// media was already down names why the last interval's stay ended.
+    fn end(&mut self, t: i128, reason: LeaveReason) {
+        if self.flowing_since.is_none() {
+            if let Some(last) = self.intervals.last_mut() {
+                if last.2 == Cause::MediaLost && self.admitted {
+                    last.2 = Cause::Left(reason);
+                }
+            }
+        }
         self.admitted = false;
         self.media_up = false;
-        self.settle(t);
+        self.settle(t, Cause::Left(reason));
         self.end_audio_only(t);
+    }
+
+    fn flowing(&self) -> Vec<Span> {
+        union(self.intervals.iter().map(|&(s, e, _)| (s, e)).collect())
+    }
+
+    /// Rule 6: presence corrections, in ledger order.
+    fn apply_amendments(&mut self) {
+        self.pending.sort_by_key(|a| a.seq);
+        for a in std::mem::take(&mut self.pending) {
+            match &a.correction {
+                Correction::AddPresence { from, to } => {
+                    self.intervals
+                        .push((nanos(*from), nanos(*to), Cause::Amended));
+                }
+                Correction::RemovePresence { from, to } => {
+                    let (from, to) = (nanos(*from), nanos(*to));
+                    let mut kept = Vec::new();
+                    for (s, e, c) in self.intervals.drain(..) {
+                        if s < from.min(e) {
+                            kept.push((s, from.min(e), c));
+                        }
+                        if to.max(s) < e {
+                            kept.push((to.max(s), e, c));
+                        }
+                    }
+                    self.intervals = kept;
+                }
+                Correction::SetAgeGroup { age_group } => self.age_group = Some(*age_group),
+                Correction::VoidEntry { .. } => {}
+            }
+            self.amendments.push(a);
+        }
+        self.intervals.sort_by_key(|&(s, e, _)| (s, e));
+    }
+
+    /// Rule 7: groups the flowing intervals into stays.
+    fn stays(&self, grace: i128, credited: &[Span], audio: &[Span]) -> Vec<StayReport> {
+        // Merge overlapping intervals first (an amendment may overlap recorded media); the
+        // later-ending interval's cause wins.
+        let mut merged: Vec<(i128, i128, Cause)> = Vec::new();
+        for &(s, e, c) in &self.intervals {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => {
+                    if e >= last.1 {
+                        last.1 = e;
+                        last.2 = c;
+                    }
+                }
+                _ => merged.push((s, e, c)),
+            }
+        }
+
+        let mut groups: Vec<Vec<(i128, i128, Cause)>> = Vec::new();
+        for iv in merged {
+            let joins = groups.last().and_then(|g| g.last()).is_some_and(|prev| {
+                matches!(prev.2, Cause::MediaLost | Cause::Amended) && iv.0 - prev.1 <= grace
+            });
+            match groups.last_mut() {
+                Some(g) if joins => g.push(iv),
+                _ => groups.push(vec![iv]),
+            }
+        }
+
+        groups
+            .into_iter()
+            .map(|g| {
+                let spans: Vec<Span> = g.iter().map(|&(s, e, _)| (s, e)).collect();
+                let (start, end) = (g[0].0, g[g.len() - 1].1);
+                let end_reason = match g[g.len() - 1].2 {
+                    Cause::Left(r) => Some(r),
+                    Cause::MediaLost => Some(LeaveReason::ConnectionLost),
+                    Cause::Open | Cause::Amended => None,
+                };
+                let mut stretches = Vec::new();
+                for (modality, part) in [
+                    (Modality::Video, subtract(&spans, audio)),
+                    (Modality::AudioOnly, intersect(&spans, audio)),
+                ] {
+                    for (s, e) in part {
+                        stretches.push(Stretch {
+                            from: time_of(s),
+                            to: time_of(e),
+                            modality,
+                            credited_seconds: seconds(&intersect(&[(s, e)], credited)),
+                        });
+                    }
+                }
+                stretches.sort_by_key(|s| s.from);
+                StayReport {
+                    started_at: time_of(start),
+                    ended_at: time_of(end),
+                    end_reason,
+                    connected_seconds: seconds(&spans),
+                    credited_seconds: seconds(&intersect(&spans, credited)),
+                    stretches,
+                }
+            })
+            .collect()
     }
 }
 
-/// Replays the entries (already in time order) into one [`Stay`] per participant and role.
+/// Replays the entries (already in time order) into one [`Person`] per participant and role.
 ///
 /// Keyed by participant and role together: should one id ever appear with two roles, the
 /// report shows two lines instead of crediting one role's time to the other.
-fn replay(entries: &[&Entry]) -> Vec<Stay> {
-    let mut stays: Vec<Stay> = Vec::new();
+fn replay(entries: &[&Entry]) -> Vec<Person> {
+    let mut people: Vec<Person> = Vec::new();
     let mut ended = false;
 
     for entry in entries {
         let event = &entry.event;
         let t = nanos(event.at);
         if let EventKind::SessionEnded = event.kind {
-            for s in stays.iter_mut().filter(|s| s.admitted) {
+            for s in people.iter_mut().filter(|s| s.admitted) {
                 s.left = Some((event.at, LeaveReason::SessionEnded));
             }
-            stays.iter_mut().for_each(|s| s.end(t));
+            people
+                .iter_mut()
+                .for_each(|s| s.end(t, LeaveReason::SessionEnded));
             ended = true;
             continue;
         }
@@ -236,60 +466,99 @@ fn replay(entries: &[&Entry]) -> Vec<Stay> {
             continue;
         };
 
-        let i = match stays
+        let i = match people
             .iter()
             .position(|s| &s.participant_id == pid && s.role == role)
         {
             Some(i) => i,
             None => {
-                stays.push(Stay::new(pid.clone(), role));
-                stays.len() - 1
+                people.push(Person::new(pid.clone(), role));
+                people.len() - 1
             }
         };
+        // Amendments and age groups apply whenever they were written.
+        match &event.kind {
+            EventKind::Amended(a) => {
+                people[i].pending.push(AppliedAmendment {
+                    seq: entry.seq,
+                    at: event.at,
+                    author: a.author.clone(),
+                    reason: a.reason.clone(),
+                    correction: a.correction.clone(),
+                });
+                continue;
+            }
+            EventKind::AgeGroupRecorded { age_group } => {
+                people[i].age_group = Some(*age_group);
+                continue;
+            }
+            _ => {}
+        }
         // Listed even when all their events came after the end, so the report shows them.
         if !ended {
-            apply(&mut stays[i], &event.kind, event.at);
+            apply(&mut people[i], &event.kind, event.at);
         }
     }
 
-    // Open stays end at the last proof of presence: the session's last entry.
-    if let Some(last) = entries.last() {
-        let t = nanos(last.event.at);
-        stays.iter_mut().for_each(|s| s.close_open(t));
+    // Open stays end at the last proof of presence: the session's last recorded event
+    // (amendments are written later and prove nothing about the session).
+    let last = entries
+        .iter()
+        .filter(|e| !matches!(e.event.kind, EventKind::Amended(_)))
+        .map(|e| nanos(e.event.at))
+        .max();
+    if let Some(t) = last {
+        people.iter_mut().for_each(|s| s.close_open(t));
     }
-    stays
+    people
 }
 
-fn apply(stay: &mut Stay, kind: &EventKind, at: OffsetDateTime) {
+fn apply(p: &mut Person, kind: &EventKind, at: OffsetDateTime) {
     let t = nanos(at);
+    let mut cause = Cause::MediaLost;
     match kind {
         EventKind::Admitted => {
-            stay.admitted = true;
-            stay.joined_at.get_or_insert(at);
-            stay.left = None;
+            p.admitted = true;
+            p.joined_at.get_or_insert(at);
+            p.left = None;
         }
-        EventKind::MediaConnected | EventKind::MediaRestored => stay.media_up = true,
-        EventKind::MediaLost => stay.media_up = false,
+        EventKind::MediaConnected | EventKind::MediaRestored => p.media_up = true,
+        EventKind::MediaLost => p.media_up = false,
         EventKind::ModalityChanged {
             modality: Modality::AudioOnly,
         } => {
-            stay.audio_since.get_or_insert(t);
+            p.audio_since.get_or_insert(t);
         }
         EventKind::ModalityChanged {
             modality: Modality::Video,
-        } => stay.end_audio_only(t),
+        } => p.end_audio_only(t),
         EventKind::Left { reason } => {
-            stay.end(t);
-            stay.left = Some((at, *reason));
+            p.end(t, *reason);
+            p.left = Some((at, *reason));
+            cause = Cause::Left(*reason);
         }
-        // Session events never reach here: `Ledger::append` refuses them with a participant.
-        EventKind::SessionOpened { .. } | EventKind::SessionEnded => {}
+        // Session events never reach here: `Ledger::append` refuses them with a participant;
+        // amendments and age groups are taken before.
+        EventKind::SessionOpened { .. }
+        | EventKind::SessionEnded
+        | EventKind::AgeGroupRecorded { .. }
+        | EventKind::Amended(_) => {}
     }
-    stay.settle(t);
+    p.settle(t, cause);
 }
 
 fn nanos(t: OffsetDateTime) -> i128 {
     t.unix_timestamp_nanos()
+}
+
+fn nanos_of(d: Duration) -> i128 {
+    d.whole_nanoseconds()
+}
+
+fn time_of(n: i128) -> OffsetDateTime {
+    // Spans come from stored times (years 1677 to 2262) or the window end, which is clipped
+    // to a stored time by intersection before it gets here.
+    OffsetDateTime::from_unix_timestamp_nanos(n).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Adds `[start, end)` unless it is empty.
@@ -326,6 +595,23 @@ fn intersect(a: &[Span], b: &[Span]) -> Vec<Span> {
         } else {
             j += 1;
         }
+    }
+    out
+}
+
+/// The time of `a` not covered by `b`.
+fn subtract(a: &[Span], b: &[Span]) -> Vec<Span> {
+    let b = union(b.to_vec());
+    let mut out = Vec::new();
+    for &(mut s, e) in &union(a.to_vec()) {
+        for &(bs, be) in &b {
+            if be <= s || bs >= e {
+                continue;
+            }
+            push(&mut out, s, bs);
+            s = s.max(be);
+        }
+        push(&mut out, s, e);
     }
     out
 }
@@ -533,6 +819,7 @@ mod tests {
             .stay("p-7f3a", Role::Client, 0.0, 90.0);
         let rules = CountingRules {
             overrun_allowance: Duration::minutes(5),
+            ..CountingRules::default()
         };
 
         let r = session_report(&s.entries, &rules);
@@ -613,6 +900,7 @@ mod tests {
             .stay("p-7f3a", Role::Client, 0.0, 90.0);
         let rules = CountingRules {
             overrun_allowance: Duration::MAX,
+            ..CountingRules::default()
         };
 
         let r = session_report(&s.entries, &rules);
@@ -724,6 +1012,16 @@ mod tests {
     }
 
     #[test]
+    fn subtract_removes_covered_time() {
+        assert_eq!(
+            subtract(&[(0, 10), (20, 30)], &[(5, 22)]),
+            vec![(0, 5), (22, 30)]
+        );
+        assert_eq!(subtract(&[(0, 10)], &[]), vec![(0, 10)]);
+        assert_eq!(subtract(&[(0, 10)], &[(0, 10)]), vec![]);
+    }
+
+    #[test]
     fn intersect_keeps_only_common_time() {
         let a = [(0, 10), (20, 30)];
         let b = [(5, 25)];
@@ -778,12 +1076,33 @@ mod tests {
             if let Some(min) = end_at {
                 s.session(min, EventKind::SessionEnded);
             }
-            let rules = CountingRules { overrun_allowance: Duration::minutes(overrun) };
+            let rules = CountingRules {
+                overrun_allowance: Duration::minutes(overrun),
+                ..CountingRules::default()
+            };
             let window_seconds = (60 + overrun) as f64 * 60.0;
 
             let r = session_report(&s.entries, &rules);
+            let therapist_seconds: f64 = r
+                .participants
+                .iter()
+                .filter(|p| p.role == Role::Therapist)
+                .map(|p| p.connected_seconds)
+                .sum();
             for p in &r.participants {
                 prop_assert!(p.credited_seconds <= p.connected_seconds + 1e-9, "{p:?}");
+                if p.role == Role::Client {
+                    prop_assert!(p.credited_seconds <= therapist_seconds + 1e-9, "{p:?}");
+                }
+                let in_stays: f64 = p.stays.iter().map(|s| s.credited_seconds).sum();
+                prop_assert!((in_stays - p.credited_seconds).abs() < 1e-6, "{p:?}");
+                let in_stretches: f64 = p
+                    .stays
+                    .iter()
+                    .flat_map(|s| &s.stretches)
+                    .map(|s| s.credited_seconds)
+                    .sum();
+                prop_assert!((in_stretches - p.credited_seconds).abs() < 1e-6, "{p:?}");
                 prop_assert!(p.credited_seconds <= window_seconds + 1e-9, "{p:?}");
                 prop_assert!(p.credited_audio_only_seconds <= p.credited_seconds + 1e-9);
                 prop_assert!(p.connected_seconds >= 0.0);

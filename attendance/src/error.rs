@@ -12,6 +12,15 @@ pub enum LedgerError {
     #[error("attendance storage failed: {0}")]
     Storage(#[from] rusqlite::Error),
 
+    /// PostgreSQL refused a read or write, or could not be reached. As with SQLite, nothing
+    /// was written by the call that got it.
+    #[error("attendance storage (PostgreSQL) failed: {0}")]
+    Postgres(#[from] postgres::Error),
+
+    /// A `--database-url` or data directory that cannot be used.
+    #[error("attendance storage cannot be opened: {0}")]
+    Location(String),
+
     /// The event was refused before anything was written because it cannot be recorded
     /// meaningfully, e.g. a participant event without a participant id.
     #[error("attendance event refused: {reason}")]
@@ -36,7 +45,8 @@ impl LedgerError {
     /// A stable, machine-readable code for this error.
     pub fn code(&self) -> &'static str {
         match self {
-            LedgerError::Storage(_) => "ledger_storage",
+            LedgerError::Storage(_) | LedgerError::Postgres(_) => "ledger_storage",
+            LedgerError::Location(_) => "ledger_location",
             LedgerError::InvalidEvent { .. } => "ledger_invalid_event",
             LedgerError::Corrupt { .. } => "ledger_corrupt",
             LedgerError::UnsupportedSchema { .. } => "ledger_schema",
@@ -53,6 +63,7 @@ mod tests {
     fn codes_are_distinct_and_prefixed() {
         let all = [
             LedgerError::Storage(rusqlite::Error::InvalidQuery),
+            LedgerError::Location("x".into()),
             LedgerError::InvalidEvent { reason: "x" },
             LedgerError::Corrupt {
                 seq: 1,

@@ -27,6 +27,9 @@ pub enum LeaveReason {
     TokenRevoked,
     /// A sponsor's stay ends when the client they accompany leaves.
     SponsoredClientLeft,
+    /// The node that ran the session stopped without closing the stay (a crash or kill);
+    /// at its next start-up the ledger closed the stay at the node's last heartbeat.
+    NodeRecovered,
 }
 
 impl LeaveReason {
@@ -40,6 +43,7 @@ impl LeaveReason {
             LeaveReason::Denied => "denied",
             LeaveReason::TokenRevoked => "token_revoked",
             LeaveReason::SponsoredClientLeft => "sponsored_client_left",
+            LeaveReason::NodeRecovered => "node_recovered",
         }
     }
 }
@@ -92,6 +96,115 @@ pub enum EventKind {
     Left { reason: LeaveReason },
     /// The session ended for everyone; every open stay ends here.
     SessionEnded,
+    /// The client's age group, which picks the weekly requirement. The server records it for
+    /// each client right after [`EventKind::Admitted`], from the join token.
+    AgeGroupRecorded { age_group: AgeGroup },
+    /// A correction by a person, applied by reports on top of the recorded events; nothing
+    /// recorded before it changes. `at` is when the amendment was made.
+    Amended(Amendment),
+}
+
+/// Which weekly requirement applies to a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgeGroup {
+    Adult,
+    Adolescent,
+}
+
+impl AgeGroup {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgeGroup::Adult => "adult",
+            AgeGroup::Adolescent => "adolescent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "adult" => Some(AgeGroup::Adult),
+            "adolescent" => Some(AgeGroup::Adolescent),
+            _ => None,
+        }
+    }
+}
+
+/// Who made an amendment or read a report: a staff member's pseudonymous id, with the same
+/// alphabet as participant ids.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StaffId(String);
+
+impl StaffId {
+    pub fn parse(s: &str) -> Result<Self, LedgerError> {
+        // Same rules as participant ids, so a staff id can never smuggle a name or a newline.
+        ParticipantId::parse(s)
+            .map(|_| StaffId(s.to_owned()))
+            .map_err(|_| LedgerError::InvalidEvent {
+                reason: "a staff id is 1 to 128 characters of A-Z a-z 0-9 - _ . :",
+            })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for StaffId {
+    type Error = LedgerError;
+    fn try_from(s: String) -> Result<Self, LedgerError> {
+        StaffId::parse(&s)
+    }
+}
+
+impl From<StaffId> for String {
+    fn from(s: StaffId) -> String {
+        s.0
+    }
+}
+
+impl std::fmt::Display for StaffId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A correction of one participant's attendance in one session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Amendment {
+    pub author: StaffId,
+    /// Why; shown in every report the amendment changes.
+    pub reason: String,
+    pub correction: Correction,
+}
+
+/// What an amendment corrects. Every correction names times or entries, never totals, so the
+/// counting rules still decide what is credited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Correction {
+    /// The participant's media flowed in `[from, to)` although the ledger does not show it
+    /// (an outage documented elsewhere). Credited like recorded media: it still needs a
+    /// therapist and the window.
+    AddPresence {
+        #[serde(with = "time::serde::rfc3339")]
+        from: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        to: OffsetDateTime,
+    },
+    /// The participant was not really there in `[from, to)` (a camera left running in an
+    /// empty room); that time is removed before crediting.
+    RemovePresence {
+        #[serde(with = "time::serde::rfc3339")]
+        from: OffsetDateTime,
+        #[serde(with = "time::serde::rfc3339")]
+        to: OffsetDateTime,
+    },
+    /// The entry with this `seq` in the same session was recorded in error; reports ignore it.
+    VoidEntry { seq: u64 },
+    /// The client's age group was recorded wrongly (or not at all).
+    SetAgeGroup { age_group: AgeGroup },
 }
 
 impl EventKind {
@@ -166,6 +279,20 @@ impl Event {
         }
 
         self.at = to_utc(self.at)?;
+        if let EventKind::Amended(a) = &mut self.kind {
+            if a.reason.trim().is_empty() || a.reason.len() > 2000 {
+                return refuse("an amendment needs a reason of 1 to 2000 bytes");
+            }
+            if let Correction::AddPresence { from, to } | Correction::RemovePresence { from, to } =
+                &mut a.correction
+            {
+                *from = to_utc(*from)?;
+                *to = to_utc(*to)?;
+                if *to <= *from {
+                    return refuse("a corrected interval must end after it starts");
+                }
+            }
+        }
         if let EventKind::SessionOpened {
             starts_at, ends_at, ..
         } = &mut self.kind
@@ -330,6 +457,7 @@ mod tests {
             LeaveReason::SessionEnded,
             LeaveReason::ServerShutdown,
             LeaveReason::Denied,
+            LeaveReason::NodeRecovered,
         ] {
             let json = serde_json::to_string(&r).expect("serializable");
             assert_eq!(json, format!("\"{}\"", r.as_str()));

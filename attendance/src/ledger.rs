@@ -1,85 +1,103 @@
-//! The ledger on SQLite: append, read a session back, verify the hash chain.
+//! The ledger: append, read back, verify the hash chains, heartbeats and crash recovery, the
+//! audit log of reads. Storage is behind [`Store`]; see [`crate::store`] for the tables and
+//! [`crate::chain`] for what each hash covers.
 //!
-//! One table holds the entries:
-//!
-//! | column | stored as |
-//! |---|---|
-//! | `seq` | INTEGER, 1, 2, 3, ... without gaps |
-//! | `session_id`, `participant_id`, `role` | TEXT; the last two NULL for session events |
-//! | `kind_json` | TEXT, the [`EventKind`] as JSON |
-//! | `at`, `recorded_at` | INTEGER, nanoseconds since the Unix epoch, UTC |
-//! | `prev_hash`, `hash` | TEXT, 64 lowercase hex characters |
-//!
-//! Times are integers rather than RFC 3339 text because one instant then has exactly one
-//! stored form, which keeps the hash input canonical and lets SQLite sort by time.
-//!
-//! `hash` covers every other column and the previous entry's hash (see [`crate::chain`]).
-//! A one-row table `ledger_head` holds the last `seq` and `hash`, written in the same
-//! transaction as the entry, so that deleting the newest entries is also caught. Triggers refuse
-//! UPDATE and DELETE on entries, so only someone who drops them first can edit the ledger, and
-//! [`Ledger::verify`] shows where they did.
-//!
-//! Limitation: anyone who can write the file can drop the triggers, rewrite rows and recompute
-//! every hash after them; the chain alone cannot show that. Record the `last_hash` of a
-//! [`VerifyReport`] somewhere else (a report, a ticket) and compare it later to catch it.
+//! Limitation: anyone who can write the database can drop the triggers, rewrite rows and
+//! recompute every hash after them; the chain alone cannot show that. Record the `last_hash`
+//! of a [`VerifyReport`] somewhere else (a report, a ticket) and compare it later to catch it.
 
-use std::path::Path;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
 
 use haven_ids::{ParticipantId, Role, SessionId};
-use rusqlite::types::{Value, ValueRef};
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
-use crate::chain::{entry_hash, GENESIS_HASH};
+use crate::chain::{entry_hash, Cell, GENESIS_HASH};
 use crate::event::{from_unix_nanos, unix_nanos};
-use crate::{Entry, Event, EventKind, LedgerError};
+use crate::store::postgres::PostgresStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{IndexChange, IndexedSession, NewEntry, Store, StoredRow};
+use crate::{Entry, Event, EventKind, LeaveReason, LedgerError, StaffId};
 
-/// The schema this code writes, kept in SQLite's `user_version`.
-const SCHEMA_VERSION: i64 = 1;
-
-/// How long a call waits for another connection's write lock (a verify run from the command
-/// line, say) before it fails with [`LedgerError::Storage`].
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-const SCHEMA: &str = "
-CREATE TABLE ledger_entries (
-    seq            INTEGER PRIMARY KEY,
-    session_id     TEXT NOT NULL,
-    participant_id TEXT,
-    role           TEXT,
-    kind_json      TEXT NOT NULL,
-    at             INTEGER NOT NULL,
-    recorded_at    INTEGER NOT NULL,
-    prev_hash      TEXT NOT NULL,
-    hash           TEXT NOT NULL
-) STRICT;
-CREATE INDEX ledger_entries_by_session ON ledger_entries (session_id, seq);
-CREATE TABLE ledger_head (
-    id   INTEGER PRIMARY KEY CHECK (id = 1),
-    seq  INTEGER NOT NULL,
-    hash TEXT NOT NULL
-) STRICT;
-CREATE TRIGGER ledger_entries_no_update BEFORE UPDATE ON ledger_entries
-BEGIN SELECT RAISE(ABORT, 'attendance ledger entries are append-only'); END;
-CREATE TRIGGER ledger_entries_no_delete BEFORE DELETE ON ledger_entries
-BEGIN SELECT RAISE(ABORT, 'attendance ledger entries are append-only'); END;
-";
-
-/// Columns in hashing order, then `hash`.
-const SELECT_ENTRY: &str = "SELECT seq, session_id, participant_id, role, kind_json, at, \
-                            recorded_at, prev_hash, hash FROM ledger_entries";
-
-/// The append-only attendance ledger. Owns one SQLite connection; every call is synchronous.
-/// Servers use it through a [`LedgerHandle`](crate::LedgerHandle).
-#[derive(Debug)]
-pub struct Ledger {
-    conn: Connection,
+/// Where a ledger lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file (the default: `attendance.sqlite3` in the data directory).
+    SqliteFile(PathBuf),
+    /// A SQLite database in memory; gone when the ledger is dropped.
+    InMemory,
+    /// A PostgreSQL database, optionally in one schema (`search_path`).
+    Postgres { url: String, schema: Option<String> },
 }
 
-/// The result of walking the whole hash chain.
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl Location {
+    /// `--database-url` wins over the data directory; only `postgres://` and
+    /// `postgresql://` URLs are accepted.
+    pub fn from_args(data_dir: &Path, database_url: Option<&str>) -> Result<Self, LedgerError> {
+        match database_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Location::Postgres {
+                    url: url.to_owned(),
+                    schema: None,
+                })
+            }
+            Some(_) => Err(LedgerError::Location(
+                "--database-url must start with postgres:// or postgresql://".into(),
+            )),
+            None => Ok(Location::SqliteFile(data_dir.join(crate::LEDGER_FILE))),
+        }
+    }
+}
+
+/// A node's name in heartbeats and recovery: same alphabet as other ids.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub fn parse(s: &str) -> Result<Self, LedgerError> {
+        ParticipantId::parse(s)
+            .map(|_| NodeId(s.to_owned()))
+            .map_err(|_| LedgerError::InvalidEvent {
+                reason: "a node id is 1 to 128 characters of A-Z a-z 0-9 - _ . :",
+            })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The append-only attendance ledger. Every call is synchronous; servers use it through a
+/// [`LedgerHandle`](crate::LedgerHandle).
+pub struct Ledger {
+    store: Box<dyn Store>,
+    /// The node this process runs as, once `heartbeat` or `recover` named it; recorded with
+    /// each session it opens so recovery closes only its own sessions.
+    node: Option<NodeId>,
+    /// Nodes recovered by this process: a heartbeat first recovers, so the previous run's
+    /// last heartbeat is never overwritten before recovery read it.
+    recovered: HashSet<NodeId>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("backend", &self.store.backend())
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of walking both hash chains and the lookup tables.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct VerifyReport {
     /// Entries stored.
     pub entries: u64,
@@ -88,15 +106,22 @@ pub struct VerifyReport {
     /// The hash of the newest entry, `None` for an empty ledger. Keep it outside the ledger to
     /// detect a later rewrite of the whole chain.
     pub last_hash: Option<String>,
+    /// Reads in the audit log.
+    pub reads: u64,
+    /// The first broken place in the audit log's own chain.
+    pub first_bad_read: Option<BadEntry>,
+    /// A lookup table that does not match the entries (reports would miss or misplace a
+    /// session); `None` when they agree.
+    pub index_problem: Option<String>,
 }
 
 impl VerifyReport {
     pub fn is_intact(&self) -> bool {
-        self.first_bad.is_none()
+        self.first_bad.is_none() && self.first_bad_read.is_none() && self.index_problem.is_none()
     }
 }
 
-/// Where the chain breaks and how.
+/// Where a chain breaks and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BadEntry {
     /// The entry that was changed, or that is missing.
@@ -104,111 +129,108 @@ pub struct BadEntry {
     pub problem: String,
 }
 
-impl Ledger {
-    /// Opens the ledger file, creating it and its schema if needed.
-    ///
-    /// The journal is WAL with `synchronous=FULL`: a committed append survives a power loss.
-    pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let conn = Connection::open(path)?;
+/// What [`Ledger::recover`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RecoveryReport {
+    /// The node's last heartbeat before this start, if it ever wrote one.
+    pub last_heartbeat: Option<OffsetDateTime>,
+    /// Sessions that were still open.
+    pub sessions: u64,
+    /// Stays closed with [`LeaveReason::NodeRecovered`].
+    pub stays_closed: u64,
+}
 
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        debug!(journal_mode = %mode, "attendance ledger opened");
-        Self::init(conn)
+impl Ledger {
+    /// Opens (or creates) the SQLite ledger file.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        Ok(Self::with_store(Box::new(SqliteStore::open(path)?)))
     }
 
     /// A ledger that lives only as long as this value; for tests and tools.
     pub fn open_in_memory() -> Result<Self, LedgerError> {
-        Self::init(Connection::open_in_memory()?)
+        Ok(Self::with_store(Box::new(SqliteStore::open_in_memory()?)))
     }
 
-    fn init(conn: Connection) -> Result<Self, LedgerError> {
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+    /// Connects to PostgreSQL, creating the schema if the database has none.
+    pub fn connect_postgres(url: &str) -> Result<Self, LedgerError> {
+        Ok(Self::with_store(Box::new(PostgresStore::connect(url)?)))
+    }
 
-        let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
-        match found {
-            0 => {
-                // Schema and version in one transaction, so a crash cannot leave a half schema.
-                conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))?;
-                debug!(version = SCHEMA_VERSION, "attendance ledger schema created");
-            }
-            SCHEMA_VERSION => {}
-            found => {
-                return Err(LedgerError::UnsupportedSchema {
-                    found,
-                    expected: SCHEMA_VERSION,
-                })
-            }
+    pub fn open_at(location: &Location) -> Result<Self, LedgerError> {
+        match location {
+            Location::SqliteFile(path) => Self::open(path),
+            Location::InMemory => Self::open_in_memory(),
+            Location::Postgres { url, schema } => Ok(Self::with_store(Box::new(
+                PostgresStore::connect_in_schema(url, schema.as_deref())?,
+            ))),
         }
-        Ok(Ledger { conn })
+    }
+
+    pub fn with_store(store: Box<dyn Store>) -> Self {
+        Ledger {
+            store,
+            node: None,
+            recovered: HashSet::new(),
+        }
+    }
+
+    /// `"sqlite"` or `"postgresql"`.
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
     }
 
     /// Writes one event. When this returns `Ok` the entry is committed and durable.
-    ///
-    /// Reading the previous hash and inserting happen in one IMMEDIATE transaction, so two
-    /// writers can never link to the same entry and a crash leaves either the whole entry or
-    /// none of it.
     pub fn append(&mut self, event: Event) -> Result<Entry, LedgerError> {
-        let event = event.checked()?;
-        let kind_json =
-            serde_json::to_string(&event.kind).map_err(|_| LedgerError::InvalidEvent {
-                reason: "event cannot be encoded",
-            })?;
+        let mut out = self.append_batch(vec![event]);
+        // One event in, one result out.
+        out.pop().unwrap_or(Err(LedgerError::Closed))
+    }
+
+    /// Writes several events in one transaction (one fsync) and returns a result per event,
+    /// in order; each `Ok` entry is durable. Refused events are skipped without failing the
+    /// others. If the transaction fails, each event is retried alone, so every caller gets
+    /// its own outcome.
+    pub fn append_batch(&mut self, events: Vec<Event>) -> Vec<Result<Entry, LedgerError>> {
         let recorded_at = OffsetDateTime::now_utc();
+        let mut results: Vec<Option<Result<Entry, LedgerError>>> = Vec::new();
+        let mut pending: Vec<(usize, Event, NewEntry)> = Vec::new();
+        for (i, event) in events.into_iter().enumerate() {
+            results.push(None);
+            match prepare(event, recorded_at) {
+                Ok((event, row)) => pending.push((i, event, row)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
 
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (last_seq, prev_hash) = chain_head(&tx)?;
-        let seq = last_seq + 1;
-
-        // `checked` guarantees both times fit; `now` fits until 2262.
-        let at = unix_nanos(event.at).unwrap_or_default();
-        let recorded = unix_nanos(recorded_at).unwrap_or_default();
-        let columns = [
-            Value::Integer(seq),
-            Value::Text(event.session_id.as_str().to_owned()),
-            event
-                .participant_id
-                .as_ref()
-                .map_or(Value::Null, |p| Value::Text(p.to_string())),
-            event
-                .role
-                .map_or(Value::Null, |r| Value::Text(r.as_str().to_owned())),
-            Value::Text(kind_json),
-            Value::Integer(at),
-            Value::Integer(recorded),
-            Value::Text(prev_hash.clone()),
-        ];
-        let hash = entry_hash(&prev_hash, &columns.each_ref().map(ValueRef::from));
-
-        let [c0, c1, c2, c3, c4, c5, c6, c7] = columns;
-        tx.execute(
-            "INSERT INTO ledger_entries (seq, session_id, participant_id, role, kind_json, at, \
-             recorded_at, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![c0, c1, c2, c3, c4, c5, c6, c7, hash],
-        )?;
-        tx.execute(
-            "INSERT INTO ledger_head (id, seq, hash) VALUES (1, ?1, ?2) \
-             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-            params![seq, hash],
-        )?;
-        tx.commit()?;
-
-        let kind = kind_name(&event.kind);
-        debug!(seq, session_id = %event.session_id, kind, "attendance entry appended");
-        // seq starts at 1 and only grows, so it is never negative.
-        let seq = u64::try_from(seq).unwrap_or_default();
-        Ok(Entry {
-            seq,
-            event,
-            recorded_at,
-            prev_hash,
-            hash,
-        })
+        let rows: Vec<NewEntry> = pending.iter().map(|p| p.2.clone()).collect();
+        let node = self.node.as_ref().map(|n| n.as_str().to_owned());
+        match self.store.append(&rows, node.as_deref()) {
+            Ok(linked) => {
+                for ((i, event, _), (seq, prev_hash, hash)) in pending.into_iter().zip(linked) {
+                    debug!(seq, session_id = %event.session_id, "attendance entry appended");
+                    results[i] = Some(Ok(Entry {
+                        seq: u64::try_from(seq).unwrap_or_default(),
+                        event,
+                        recorded_at,
+                        prev_hash,
+                        hash,
+                    }));
+                }
+            }
+            Err(e) if pending.len() == 1 => {
+                results[pending[0].0] = Some(Err(e));
+            }
+            Err(_) => {
+                for (i, event, _) in pending {
+                    results[i] = Some(self.append(event));
+                }
+            }
+        }
+        // Every slot was filled above: refused, linked, or retried.
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(LedgerError::Closed)))
+            .collect()
     }
 
     /// Every entry of one session, in ledger order.
@@ -216,56 +238,237 @@ impl Ledger {
     /// Each row's own hash is checked on the way out, so a report is never built from a row
     /// that was edited; such a row fails the call with [`LedgerError::Corrupt`]. (The links
     /// between rows are for [`Ledger::verify`]: a session's rows are not contiguous.)
-    pub fn session_events(&self, session: &SessionId) -> Result<Vec<Entry>, LedgerError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "{SELECT_ENTRY} WHERE session_id = ?1 ORDER BY seq"
-        ))?;
-        let mut rows = stmt.query([session.as_str()])?;
-
-        let mut entries = Vec::new();
-        while let Some(row) = rows.next()? {
-            let (seq, columns) = hashed_columns(row)?;
-            let seq = u64::try_from(seq).map_err(|_| LedgerError::Corrupt {
-                seq: 0,
-                problem: format!("negative seq {seq}"),
-            })?;
-            let prev_hash = text(&columns[7]);
-            if entry_hash(&prev_hash, &columns) != text(&row.get_ref(8)?) {
-                return Err(LedgerError::Corrupt {
-                    seq,
-                    problem: "hash does not match".into(),
-                });
-            }
-            entries.push(entry_from_row(seq, row)?);
-        }
+    pub fn session_events(&mut self, session: &SessionId) -> Result<Vec<Entry>, LedgerError> {
+        let rows = self.store.session_rows(session.as_str())?;
+        let entries = rows
+            .into_iter()
+            .map(checked_entry)
+            .collect::<Result<Vec<_>, _>>()?;
         trace!(session_id = %session, entries = entries.len(), "attendance session read");
         Ok(entries)
     }
 
+    /// The entries of several sessions, grouped by session, each in ledger order; checked
+    /// like [`Ledger::session_events`].
+    pub fn sessions_events(
+        &mut self,
+        sessions: &[SessionId],
+    ) -> Result<BTreeMap<SessionId, Vec<Entry>>, LedgerError> {
+        let ids: Vec<String> = sessions.iter().map(|s| s.as_str().to_owned()).collect();
+        let mut out: BTreeMap<SessionId, Vec<Entry>> = BTreeMap::new();
+        for row in self.store.sessions_rows(&ids)? {
+            let entry = checked_entry(row)?;
+            out.entry(entry.event.session_id.clone())
+                .or_default()
+                .push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Sessions whose scheduled start is in `[from, to)`, of one program or of all.
+    pub fn sessions_starting(
+        &mut self,
+        program: Option<&str>,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<IndexedSession>, LedgerError> {
+        self.store
+            .sessions_starting(program, nanos_or_edge(from), nanos_or_edge(to))
+    }
+
+    /// Sessions of one participant whose scheduled start is in `[from, to)`.
+    pub fn participant_sessions(
+        &mut self,
+        participant: &ParticipantId,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<IndexedSession>, LedgerError> {
+        self.store.participant_sessions(
+            participant.as_str(),
+            nanos_or_edge(from),
+            nanos_or_edge(to),
+        )
+    }
+
+    /// Number of entries stored.
+    pub fn count(&mut self) -> Result<u64, LedgerError> {
+        self.store.count()
+    }
+
+    /// Every entry in ledger order (for exports), each checked like
+    /// [`Ledger::session_events`]; `keep` picks which ones are returned.
+    pub fn entries_where(
+        &mut self,
+        keep: &mut dyn FnMut(&Entry) -> bool,
+    ) -> Result<Vec<Entry>, LedgerError> {
+        let mut out = Vec::new();
+        self.store.scan(&mut |row| {
+            let entry = checked_entry(row)?;
+            if keep(&entry) {
+                out.push(entry);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Writes the node's heartbeat at the current time. The first heartbeat of a node in this
+    /// process runs [`Ledger::recover`] first, so the last heartbeat of a crashed run is used
+    /// before it is overwritten.
+    pub fn heartbeat(&mut self, node: &NodeId) -> Result<(), LedgerError> {
+        self.heartbeat_at(node, OffsetDateTime::now_utc())
+    }
+
+    /// [`Ledger::heartbeat`] with the time given, for tests and tools.
+    pub fn heartbeat_at(&mut self, node: &NodeId, at: OffsetDateTime) -> Result<(), LedgerError> {
+        if !self.recovered.contains(node) {
+            self.recover(node)?;
+        }
+        let at = unix_nanos(at).ok_or(LedgerError::InvalidEvent {
+            reason: "a time is outside 1677 to 2262",
+        })?;
+        self.store.put_heartbeat(node.as_str(), at)
+    }
+
+    /// Closes the stays that a previous run of `node` left open, at its last heartbeat (or at
+    /// the session's last entry if that is later, or if the node never wrote a heartbeat),
+    /// with [`LeaveReason::NodeRecovered`]. Call it at start-up, before the node records
+    /// anything; from then on the ledger records `node` as the node of each session it opens.
+    ///
+    /// Only sessions still marked open whose node is `node` (or unknown) are touched, so a
+    /// node sharing a PostgreSQL ledger never closes another node's live sessions.
+    pub fn recover(&mut self, node: &NodeId) -> Result<RecoveryReport, LedgerError> {
+        self.node = Some(node.clone());
+        self.recovered.insert(node.clone());
+
+        let heartbeat = self.store.heartbeat(node.as_str())?;
+        let mut report = RecoveryReport {
+            last_heartbeat: heartbeat.and_then(from_unix_nanos),
+            ..RecoveryReport::default()
+        };
+        for session in self.store.open_sessions(node.as_str())? {
+            let Ok(session_id) = SessionId::parse(&session) else {
+                continue;
+            };
+            let entries = self.session_events(&session_id)?;
+            let open = crate::counting::open_participants(&entries);
+            let last_entry = entries.iter().map(|e| e.event.at).max();
+            let close_at = match (report.last_heartbeat, last_entry) {
+                (Some(h), Some(l)) => h.max(l),
+                (h, l) => h.or(l).unwrap_or_else(OffsetDateTime::now_utc),
+            };
+            let events = open
+                .into_iter()
+                .map(|(pid, role)| {
+                    let left = EventKind::Left {
+                        reason: LeaveReason::NodeRecovered,
+                    };
+                    Event::participant(session_id.clone(), pid, role, left, close_at)
+                })
+                .collect::<Vec<_>>();
+            report.stays_closed += events.len() as u64;
+            for result in self.append_batch(events) {
+                result?;
+            }
+            self.store.mark_closed(&session)?;
+            report.sessions += 1;
+        }
+        info!(
+            node = %node,
+            sessions = report.sessions,
+            stays_closed = report.stays_closed,
+            "attendance recovery done"
+        );
+        Ok(report)
+    }
+
+    /// The node's last heartbeat.
+    pub fn last_heartbeat(&mut self, node: &NodeId) -> Result<Option<OffsetDateTime>, LedgerError> {
+        Ok(self
+            .store
+            .heartbeat(node.as_str())?
+            .and_then(from_unix_nanos))
+    }
+
+    /// Writes one read to the audit log (its own hash chain), durably; returns its number.
+    /// `what` names the report and its parameters, never its content.
+    pub fn record_read(&mut self, auditor: &StaffId, what: &str) -> Result<u64, LedgerError> {
+        let at = unix_nanos(OffsetDateTime::now_utc()).unwrap_or_default();
+        let seq = self.store.append_read(auditor.as_str(), what, at)?;
+        Ok(u64::try_from(seq).unwrap_or_default())
+    }
+
+    /// The audit log of reads: `(seq, auditor, what, at)`, unverified (see `verify`).
+    pub fn reads(&mut self) -> Result<Vec<(u64, String, String, OffsetDateTime)>, LedgerError> {
+        let (rows, _) = self.store.reads()?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let [seq, auditor, what, at, _] = r.cells;
+                (
+                    seq.as_integer()
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(0),
+                    auditor.as_text().unwrap_or_default().to_owned(),
+                    what.as_text().unwrap_or_default().to_owned(),
+                    at.as_integer()
+                        .and_then(from_unix_nanos)
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                )
+            })
+            .collect())
+    }
+
     /// Walks the whole chain: recomputes every hash, checks every `prev_hash` link, checks that
-    /// `seq` runs 1, 2, 3, ... and that the last entry is the one the head table recorded.
+    /// `seq` runs 1, 2, 3, ... and that the last entry is the one the head table recorded;
+    /// then the same for the audit log of reads; then rebuilds the lookup tables from the
+    /// entries and compares.
     ///
     /// Any change to any stored column, a deleted entry or two swapped entries shows up as
     /// `first_bad`. Reports the first problem only; fix or explain it, then run again.
-    pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
-        let mut stmt = self.conn.prepare(&format!("{SELECT_ENTRY} ORDER BY seq"))?;
-        let mut rows = stmt.query([])?;
-
+    pub fn verify(&mut self) -> Result<VerifyReport, LedgerError> {
         let mut entries = 0u64;
         let mut prev_hash = GENESIS_HASH.to_owned();
         let mut first_bad = None;
-        while let Some(row) = rows.next()? {
+        let mut index = IndexRebuild::default();
+        self.store.scan(&mut |row| {
             entries += 1;
             if first_bad.is_none() {
-                first_bad = check_link(row, entries, &prev_hash)?;
+                first_bad = check_link(&row.cells, &row.hash, entries, &prev_hash);
             }
-            prev_hash = text(&row.get_ref(8)?);
-        }
+            if first_bad.is_none() {
+                index.add(&row);
+            }
+            prev_hash = text(&row.hash);
+            Ok(())
+        })?;
 
         let last_hash = (entries > 0).then(|| prev_hash.clone());
         if first_bad.is_none() {
-            first_bad = self.check_head(entries, last_hash.as_deref())?;
+            first_bad = check_head(self.store.head()?, entries, last_hash.as_deref());
         }
+
+        let (reads, read_head) = self.store.reads()?;
+        let mut first_bad_read = None;
+        let mut prev = GENESIS_HASH.to_owned();
+        for (n, read) in reads.iter().enumerate() {
+            if first_bad_read.is_none() {
+                first_bad_read = check_link(&read.cells, &read.hash, n as u64 + 1, &prev);
+            }
+            prev = text(&read.hash);
+        }
+        let reads_n = reads.len() as u64;
+        if first_bad_read.is_none() {
+            let last = (reads_n > 0).then_some(prev.as_str());
+            first_bad_read = check_head(read_head, reads_n, last);
+        }
+
+        let index_problem = if first_bad.is_none() {
+            index.compare(self.store.index_dump()?)
+        } else {
+            None
+        };
+
         debug!(
             entries,
             intact = first_bad.is_none(),
@@ -275,174 +478,225 @@ impl Ledger {
             entries,
             first_bad,
             last_hash,
+            reads: reads_n,
+            first_bad_read,
+            index_problem,
         })
     }
-
-    /// Number of entries stored.
-    pub fn count(&self) -> Result<u64, LedgerError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM ledger_entries", [], |r| r.get(0))?;
-        Ok(u64::try_from(n).unwrap_or_default())
-    }
-
-    /// Compares the end of an intact chain with the head table, which catches deleted newest
-    /// entries that the links alone cannot show.
-    fn check_head(
-        &self,
-        entries: u64,
-        last_hash: Option<&str>,
-    ) -> Result<Option<BadEntry>, LedgerError> {
-        let head: Option<(i64, String)> = self
-            .conn
-            .query_row("SELECT seq, hash FROM ledger_head WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-
-        let bad = |seq, problem: String| Ok(Some(BadEntry { seq, problem }));
-        match (head, last_hash) {
-            (None, None) => Ok(None),
-            (None, Some(_)) => bad(entries, "the ledger head record is missing".into()),
-            (Some((seq, _)), _) if u64::try_from(seq).ok() != Some(entries) => {
-                // The chain up to `entries` is intact, so the missing one is the next.
-                bad(
-                    entries + 1,
-                    format!("entry is missing: the ledger head records {seq} entries"),
-                )
-            }
-            (Some((_, hash)), Some(last)) if hash != last => bad(
-                entries,
-                "entry does not match the hash in the ledger head".into(),
-            ),
-            _ => Ok(None),
-        }
-    }
 }
 
-/// The seq and hash to link the next entry to. The head table is the authority, so that
-/// appending after deleted newest entries leaves a visible gap; the last row is the fallback
-/// if the head record itself was removed.
-fn chain_head(conn: &Connection) -> Result<(i64, String), LedgerError> {
-    let head = |sql: &str| {
-        conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
+/// Checks an event and turns it into the row to store.
+fn prepare(event: Event, recorded_at: OffsetDateTime) -> Result<(Event, NewEntry), LedgerError> {
+    let event = event.checked()?;
+    let kind_json = serde_json::to_string(&event.kind).map_err(|_| LedgerError::InvalidEvent {
+        reason: "event cannot be encoded",
+    })?;
+    let participant = event.participant_id.as_ref().map(|p| p.as_str().to_owned());
+    let row = NewEntry {
+        session_id: event.session_id.as_str().to_owned(),
+        index: IndexChange::of(&event.kind, participant.as_deref()),
+        participant_id: participant,
+        role: event.role.map(|r| r.as_str().to_owned()),
+        kind_json,
+        // `checked` guarantees the event's time fits; `now` fits until 2262.
+        at: unix_nanos(event.at).unwrap_or_default(),
+        recorded_at: unix_nanos(recorded_at).unwrap_or_default(),
     };
-
-    if let Some(h) = head("SELECT seq, hash FROM ledger_head WHERE id = 1")? {
-        return Ok(h);
-    }
-    let last = head("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")?;
-    Ok(last.unwrap_or((0, GENESIS_HASH.to_owned())))
+    Ok((event, row))
 }
 
-/// Checks one row against the previous entry's hash, given the seq it must have.
-fn check_link(
-    row: &Row<'_>,
-    expected: u64,
-    prev_hash: &str,
-) -> Result<Option<BadEntry>, LedgerError> {
-    let (seq, columns) = hashed_columns(row)?;
-    let stored_hash = text(&row.get_ref(8)?);
-    let bad = |seq, problem: &str| {
-        Ok(Some(BadEntry {
+fn nanos_or_edge(t: OffsetDateTime) -> i64 {
+    unix_nanos(t).unwrap_or(if t.year() < 1970 { i64::MIN } else { i64::MAX })
+}
+
+/// Checks one row's own hash and parses it.
+fn checked_entry(row: StoredRow) -> Result<Entry, LedgerError> {
+    let seq = row.cells[0].as_integer().unwrap_or(0);
+    let seq = u64::try_from(seq).map_err(|_| LedgerError::Corrupt {
+        seq: 0,
+        problem: format!("negative seq {seq}"),
+    })?;
+    let prev_hash = text(&row.cells[7]);
+    if entry_hash(&prev_hash, &row.cells) != text(&row.hash) {
+        return Err(LedgerError::Corrupt {
             seq,
-            problem: problem.to_owned(),
-        }))
-    };
+            problem: "hash does not match".into(),
+        });
+    }
+    entry_from_cells(seq, row)
+}
 
-    let seq = u64::try_from(seq).unwrap_or(0);
+/// Parses a row whose hash was already checked.
+fn entry_from_cells(seq: u64, row: StoredRow) -> Result<Entry, LedgerError> {
+    let corrupt = |problem: &str| LedgerError::Corrupt {
+        seq,
+        problem: problem.to_owned(),
+    };
+    let [_, session, participant, role, kind, at, recorded_at, prev_hash] = row.cells;
+
+    let session_id = session
+        .as_text()
+        .and_then(|s| SessionId::parse(s).ok())
+        .ok_or_else(|| corrupt("session_id"))?;
+    let participant_id = match participant {
+        Cell::Null => None,
+        Cell::Text(p) => Some(ParticipantId::parse(&p).map_err(|_| corrupt("participant_id"))?),
+        _ => return Err(corrupt("participant_id")),
+    };
+    let role = match role {
+        Cell::Null => None,
+        Cell::Text(r) => Some(Role::parse(&r).ok_or_else(|| corrupt("role"))?),
+        _ => return Err(corrupt("role")),
+    };
+    let kind: EventKind = kind
+        .as_text()
+        .and_then(|k| serde_json::from_str(k).ok())
+        .ok_or_else(|| corrupt("kind_json"))?;
+    let at = at
+        .as_integer()
+        .and_then(from_unix_nanos)
+        .ok_or_else(|| corrupt("at"))?;
+    let recorded_at = recorded_at
+        .as_integer()
+        .and_then(from_unix_nanos)
+        .ok_or_else(|| corrupt("recorded_at"))?;
+    Ok(Entry {
+        seq,
+        event: Event {
+            session_id,
+            participant_id,
+            role,
+            kind,
+            at,
+        },
+        recorded_at,
+        prev_hash: text(&prev_hash),
+        hash: text(&row.hash),
+    })
+}
+
+/// Checks one row against the previous row's hash, given the seq it must have. `cells[0]` is
+/// the seq and the last cell the stored `prev_hash`.
+fn check_link(cells: &[Cell], hash: &Cell, expected: u64, prev_hash: &str) -> Option<BadEntry> {
+    let bad = |seq, problem: String| Some(BadEntry { seq, problem });
+
+    let seq = cells[0]
+        .as_integer()
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(0);
     if seq < expected {
         return bad(
             expected,
-            &format!("an entry has seq {seq} where {expected} belongs"),
+            format!("an entry has seq {seq} where {expected} belongs"),
         );
     }
     if seq != expected {
         // A gap means `expected` was deleted or renumbered; say which seq is absent.
         return bad(
             expected,
-            &format!("entry is missing (the next stored entry is {seq})"),
+            format!("entry is missing (the next stored entry is {seq})"),
         );
     }
-    if text(&columns[7]) != prev_hash {
-        return bad(seq, "prev_hash does not match the previous entry's hash");
+    if cells.last().map(text).as_deref() != Some(prev_hash) {
+        return bad(
+            seq,
+            "prev_hash does not match the previous entry's hash".into(),
+        );
     }
-    if entry_hash(prev_hash, &columns) != stored_hash {
-        return bad(seq, "hash does not match the entry's columns");
+    if entry_hash(prev_hash, cells) != text(hash) {
+        return bad(seq, "hash does not match the entry's columns".into());
     }
-    Ok(None)
+    None
 }
 
-/// The seq and the eight hashed columns of a row, as SQLite stores them.
-///
-/// `seq` is an INTEGER PRIMARY KEY, so SQLite keeps it an integer; only tampering makes it
-/// zero or negative, which callers report.
-fn hashed_columns<'r>(row: &'r Row<'_>) -> Result<(i64, [ValueRef<'r>; 8]), LedgerError> {
-    let mut columns = [ValueRef::Null; 8];
-    for (i, c) in columns.iter_mut().enumerate() {
-        *c = row.get_ref(i)?;
+/// Compares the end of an intact chain with its head record, which catches deleted newest
+/// entries that the links alone cannot show.
+fn check_head(head: Option<(i64, String)>, entries: u64, last: Option<&str>) -> Option<BadEntry> {
+    let bad = |seq, problem: String| Some(BadEntry { seq, problem });
+    match (head, last) {
+        (None, None) => None,
+        (None, Some(_)) => bad(entries, "the head record is missing".into()),
+        (Some((seq, _)), _) if u64::try_from(seq).ok() != Some(entries) => {
+            // The chain up to `entries` is intact, so the missing one is the next.
+            bad(
+                entries + 1,
+                format!("entry is missing: the head record counts {seq} entries"),
+            )
+        }
+        (Some((_, hash)), Some(last)) if hash != last => bad(
+            entries,
+            "entry does not match the hash in the head record".into(),
+        ),
+        _ => None,
     }
-    Ok((row.get(0)?, columns))
 }
 
-/// Text of a column, lossy for non-UTF-8 so a tampered value compares unequal instead of failing.
-fn text(v: &ValueRef<'_>) -> String {
-    match v {
-        ValueRef::Text(b) => String::from_utf8_lossy(b).into_owned(),
-        _ => String::new(),
+/// Text of a cell, empty for anything else, so a tampered value compares unequal.
+fn text(c: &Cell) -> String {
+    c.as_text().unwrap_or_default().to_owned()
+}
+
+/// The lookup tables as the entries say they must be.
+#[derive(Default)]
+struct IndexRebuild {
+    sessions: BTreeMap<String, (Option<String>, i64, i64)>,
+    pairs: BTreeSet<(String, String)>,
+}
+
+impl IndexRebuild {
+    fn add(&mut self, row: &StoredRow) {
+        let (Some(session), Some(kind)) = (row.cells[1].as_text(), row.cells[4].as_text()) else {
+            return;
+        };
+        let Ok(kind) = serde_json::from_str::<EventKind>(kind) else {
+            return;
+        };
+        match IndexChange::of(&kind, row.cells[2].as_text()) {
+            IndexChange::Opened {
+                program,
+                starts_at,
+                ends_at,
+            } => {
+                self.sessions
+                    .entry(session.to_owned())
+                    .or_insert((program, starts_at, ends_at));
+            }
+            IndexChange::Participant(p) => {
+                self.pairs.insert((session.to_owned(), p));
+            }
+            IndexChange::Ended | IndexChange::None => {}
+        }
     }
-}
 
-/// Parses a row whose hash was already checked.
-fn entry_from_row(seq: u64, row: &Row<'_>) -> Result<Entry, LedgerError> {
-    let corrupt = |problem: &str| LedgerError::Corrupt {
-        seq,
-        problem: problem.to_owned(),
-    };
-
-    let session_id =
-        SessionId::parse(&row.get::<_, String>(1)?).map_err(|_| corrupt("session_id"))?;
-    let participant_id = match row.get::<_, Option<String>>(2)? {
-        Some(p) => Some(ParticipantId::parse(&p).map_err(|_| corrupt("participant_id"))?),
-        None => None,
-    };
-    let role = match row.get::<_, Option<String>>(3)? {
-        Some(r) => Some(Role::parse(&r).ok_or_else(|| corrupt("role"))?),
-        None => None,
-    };
-    let kind: EventKind =
-        serde_json::from_str(&row.get::<_, String>(4)?).map_err(|_| corrupt("kind_json"))?;
-
-    let at = from_unix_nanos(row.get(5)?).ok_or_else(|| corrupt("at"))?;
-    let recorded_at = from_unix_nanos(row.get(6)?).ok_or_else(|| corrupt("recorded_at"))?;
-    let event = Event {
-        session_id,
-        participant_id,
-        role,
-        kind,
-        at,
-    };
-    Ok(Entry {
-        seq,
-        event,
-        recorded_at,
-        prev_hash: row.get(7)?,
-        hash: row.get(8)?,
-    })
-}
-
-/// A short name of the event kind for log fields.
-fn kind_name(kind: &EventKind) -> &'static str {
-    match kind {
-        EventKind::SessionOpened { .. } => "session_opened",
-        EventKind::Admitted => "admitted",
-        EventKind::MediaConnected => "media_connected",
-        EventKind::MediaLost => "media_lost",
-        EventKind::MediaRestored => "media_restored",
-        EventKind::ModalityChanged { .. } => "modality_changed",
-        EventKind::Left { .. } => "left",
-        EventKind::SessionEnded => "session_ended",
+    fn compare(
+        self,
+        (sessions, pairs): (Vec<IndexedSession>, Vec<(String, String)>),
+    ) -> Option<String> {
+        let stored: BTreeMap<String, (Option<String>, i64, i64)> = sessions
+            .into_iter()
+            .map(|s| (s.session_id, (s.program, s.starts_at, s.ends_at)))
+            .collect();
+        if let Some((id, _)) = self
+            .sessions
+            .iter()
+            .find(|(id, v)| stored.get(*id) != Some(*v))
+        {
+            return Some(format!(
+                "session_index does not match the entries for session {id}"
+            ));
+        }
+        if let Some(id) = stored.keys().find(|id| !self.sessions.contains_key(*id)) {
+            return Some(format!(
+                "session_index lists session {id}, which has no entries"
+            ));
+        }
+        let stored: BTreeSet<(String, String)> = pairs.into_iter().collect();
+        if let Some((s, p)) = self.pairs.symmetric_difference(&stored).next() {
+            return Some(format!(
+                "session_participants does not match the entries for {p} in session {s}"
+            ));
+        }
+        None
     }
 }
 
@@ -451,8 +705,15 @@ mod tests {
     use haven_ids::SessionKind;
     use time::macros::datetime;
 
+    use std::path::Path;
+
+    use haven_ids::{ParticipantId, Role, SessionId};
+    use rusqlite::Connection;
+    use time::OffsetDateTime;
+
     use super::*;
-    use crate::LeaveReason;
+    use crate::chain::GENESIS_HASH;
+    use crate::{Entry, Event, EventKind, LeaveReason};
 
     fn sid() -> SessionId {
         SessionId::parse("sess-001").expect("valid test id")
@@ -554,14 +815,7 @@ mod tests {
             .verify()
             .expect("verify runs");
 
-        assert_eq!(
-            report,
-            VerifyReport {
-                entries: 0,
-                first_bad: None,
-                last_hash: None
-            }
-        );
+        assert_eq!(report, VerifyReport::default());
     }
 
     #[test]
@@ -578,7 +832,7 @@ mod tests {
             .expect("append");
         drop(ledger);
 
-        let ledger = Ledger::open(&path).expect("reopen again");
+        let mut ledger = Ledger::open(&path).expect("reopen again");
         let report = ledger.verify().expect("verify runs");
         assert_eq!(fourth.seq, 4);
         assert_eq!(report.entries, 4);
@@ -716,14 +970,14 @@ mod tests {
     #[test]
     fn ledger_file_uses_wal_and_full_sync() {
         let (_dir, path) = ledger_file();
-        let ledger = Ledger::open(&path).expect("open");
+        let store = SqliteStore::open(&path).expect("open");
 
-        let mode: String = ledger
-            .conn
+        let mode: String = store
+            .connection()
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .expect("pragma");
-        let sync: i64 = ledger
-            .conn
+        let sync: i64 = store
+            .connection()
             .pragma_query_value(None, "synchronous", |r| r.get(0))
             .expect("pragma");
         assert_eq!(mode, "wal");

@@ -4,42 +4,32 @@
 //! # Crate map
 //!
 //! - [`event`]: what is recorded. [`Event`] (as the server reports it), [`EventKind`],
-//!   [`LeaveReason`], [`Modality`], and [`Entry`] (an event as stored, with its hashes).
-//! - [`ledger`]: [`Ledger`], the append-only SQLite store; [`Ledger::verify`] walks the hash
-//!   chain and returns a [`VerifyReport`].
+//!   [`LeaveReason`], [`Modality`], [`AgeGroup`], [`Amendment`] with its [`Correction`], and
+//!   [`Entry`] (an event as stored, with its hashes).
+//! - [`ledger`]: [`Ledger`]: append (one event or a batch in one transaction), read back,
+//!   [`Ledger::verify`] both hash chains, node heartbeats and [`Ledger::recover`], the audit
+//!   log of reads ([`Ledger::record_read`]).
+//! - [`store`]: the [`Store`] trait and its backends, SQLite (default) and PostgreSQL.
 //! - [`chain`]: the canonical encoding of a row and its SHA-256 hash, specified for anyone
 //!   who wants to check the ledger with other tools.
 //! - [`handle`]: [`LedgerHandle`], the async front that servers use; one thread owns the
-//!   ledger and tasks send it typed commands.
-//! - [`counting`]: [`session_report`] applies the counting rules under [`CountingRules`].
-//! - `report`: [`SessionReport::to_table`], [`SessionReport::to_csv`] and
-//!   [`SessionReport::to_json`].
+//!   ledger, tasks send it typed commands, appends waiting together share one commit.
+//! - [`counting`]: [`session_report`] applies the counting rules (grace period, therapist
+//!   presence, window, amendments) under [`CountingRules`].
+//! - [`rules`]: [`AttendanceRules`], program rules as configuration, and [`Rounding`].
+//! - [`weekly`]: [`client_weeks`] and [`program_week`]: local days and ISO weeks against the
+//!   requirement, with a [`Status`].
+//! - `report`: table, CSV and JSON of every report.
 //! - [`error`]: [`LedgerError`], with a stable code per variant.
 //!
-//! # Counting rules, in short
-//!
-//! - Media *flows* from `MediaConnected` or `MediaRestored` until `MediaLost`, `Left` or
-//!   `SessionEnded`, and only while the participant is admitted: waiting-room time never counts,
-//!   and a gap inside one stay is subtracted.
-//! - A stay still open at the end of the ledger ends at the session's last entry, never later:
-//!   time is not credited past the last proof of presence.
-//! - A client is credited for flowing time that overlaps any therapist's flowing time, inside
-//!   `[starts_at, ends_at + overrun_allowance]`. Overlapping therapists count once.
-//! - Therapists are credited their flowing time inside the window; sponsors and auditors are
-//!   never credited.
-//! - Seconds are kept raw; reports round minutes to two decimals for display only.
-//!
-//! The full rules, with the reasons for each, are in the [`counting`] module.
+//! The rules and the reason for each are in `docs/attendance.md`.
 //!
 //! # Storage and integrity
 //!
 //! Each entry stores the SHA-256 of its own columns and of the entry before, and
 //! [`Ledger::verify`] recomputes them all. Times are stored as unix nanoseconds (UTC). An
-//! append is one SQLite transaction in a WAL journal with `synchronous=FULL`, so it is durable
-//! when it returns. See [`ledger`] for the schema and for what the chain cannot show.
-//!
-//! rusqlite is used rather than sqlx because the ledger is a single writer on its own thread;
-//! a PostgreSQL store for clusters is not written yet.
+//! append is one transaction, durable when it returns (SQLite: WAL with `synchronous=FULL`;
+//! PostgreSQL: `synchronous_commit=on`).
 
 pub mod chain;
 pub mod counting;
@@ -47,11 +37,29 @@ pub mod error;
 pub mod event;
 pub mod handle;
 pub mod ledger;
+pub mod rules;
+pub mod store;
+pub mod weekly;
 
 mod report;
 
-pub use counting::{session_report, CountingRules, ParticipantReport, SessionReport};
+pub use counting::{
+    session_report, AppliedAmendment, CountingRules, ParticipantReport, SessionReport, StayReport,
+    Stretch,
+};
 pub use error::LedgerError;
-pub use event::{Entry, Event, EventKind, LeaveReason, Modality};
+pub use event::{
+    AgeGroup, Amendment, Correction, Entry, Event, EventKind, LeaveReason, Modality, StaffId,
+};
 pub use handle::LedgerHandle;
-pub use ledger::{BadEntry, Ledger, VerifyReport};
+pub use ledger::{BadEntry, Ledger, Location, NodeId, RecoveryReport, VerifyReport};
+pub use report::{entries_csv, entries_json, Format};
+pub use rules::{AttendanceRules, ProgramRules, Requirement, Rounding};
+pub use store::{IndexedSession, Store};
+pub use weekly::{
+    client_weeks, program_week, ClientWeeksReport, DayLine, IsoWeek, ProgramWeekReport, Status,
+    WeekLine,
+};
+
+/// The ledger's file name inside the data directory.
+pub const LEDGER_FILE: &str = "attendance.sqlite3";

@@ -423,7 +423,10 @@ impl Room {
                 TrackKind::Video => MediaKind::Video,
             };
             let stream_id = msid_token(track.publisher.as_str());
-            let track_id = format!("{stream_id}-{}", track.kind.as_str());
+            // Unique per m-line: a participant who publishes again (after a resume) gets new
+            // m-lines while the old ones stay inactive, and browsers refuse an SDP in which two
+            // m-lines carry the same msid.
+            let track_id = format!("{stream_id}-{}-{}", track.kind.as_str(), p.subs.len());
             let mid = api.add_media(
                 kind,
                 Direction::SendOnly,

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use attendance::LeaveReason;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -18,28 +18,40 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::error::{ErrorCode, SignalError};
+use crate::limits::{ConnectionSlot, MessageRate};
 use crate::protocol::{ClientMsg, PcName, ServerMsg};
 use crate::session::{SessionCmd, SessionHandle, TherapistAction};
 use crate::ServerState;
 
-/// The first message must arrive within this time.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Messages waiting for a slow browser; past this, the session drops messages for it.
-const OUTBOX: usize = 256;
-
 /// Close codes (RFC 6455 section 7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_INTERNAL: u16 = 1011;
+const CLOSE_TRY_AGAIN: u16 = 1013;
 
-pub async fn serve(socket: WebSocket, state: Arc<ServerState>) {
+pub async fn serve(socket: WebSocket, state: Arc<ServerState>, slot: ConnectionSlot) {
     let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
-    let span = tracing::debug_span!("conn", conn_id = %conn, session_id = tracing::field::Empty, participant_id = tracing::field::Empty);
+    let span = tracing::debug_span!(
+        "conn",
+        conn_id = %conn,
+        session_id = tracing::field::Empty,
+        participant_id = tracing::field::Empty
+    );
+    let rate = MessageRate::new(
+        state.limits.messages_per_second,
+        state.limits.message_burst,
+        Instant::now(),
+    );
     Conn {
         socket,
         state,
         conn,
+        slot,
+        rate,
+        rate_warnings: 0,
+        last_seen: Instant::now(),
     }
     .run()
     .instrument(span)
@@ -50,13 +62,24 @@ struct Conn {
     socket: WebSocket,
     state: Arc<ServerState>,
     conn: ConnId,
+    /// This socket's place in the per-address and pending counts.
+    slot: ConnectionSlot,
+    rate: MessageRate,
+    rate_warnings: u32,
+    /// The last frame of any kind from the browser: its last sign of life.
+    last_seen: Instant,
 }
+
+/// A frame could not be written: the socket broke, or the browser stopped reading.
+#[derive(Debug)]
+struct SendError;
 
 /// How a joined connection's relay ended.
 enum Ending {
     /// The participant said `leave`.
     Left,
-    /// The socket closed or broke.
+    /// The socket closed or broke, or the browser went silent; the stay waits for a resume
+    /// from the last sign of life.
     Lost,
     /// The session sent `left` (or dropped the outbox) and the socket was closed.
     ClosedByServer,
@@ -88,33 +111,41 @@ impl Conn {
             mut outbox_rx,
         } = joined;
         let conn = self.conn;
-        let cmd = match self.relay(&who, &session, &mut outbox_rx).await {
+        let ending = self.relay(&who, &session, &mut outbox_rx).await;
+        let silent_for = self.last_seen.elapsed();
+        let last_seen = OffsetDateTime::now_utc() - silent_for;
+        let cmd = match ending {
             Ending::Left => SessionCmd::Leave { who, conn },
             // Closed by the server (removed, replaced, ended): the session knows already, and
             // ignores this because the stay is gone or belongs to another connection now.
-            Ending::Lost | Ending::ClosedByServer => SessionCmd::Disconnected { who, conn },
+            Ending::Lost | Ending::ClosedByServer => SessionCmd::Disconnected {
+                who,
+                conn,
+                last_seen,
+            },
         };
         session.send(cmd).await;
     }
 
     /// Waits for `join`, verifies the token and hands the connection to its session.
     async fn handshake(&mut self) -> Result<Option<Joined>, SignalError> {
-        let first = match tokio::time::timeout(JOIN_TIMEOUT, self.socket.recv()).await {
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return Ok(None),
-            Ok(Some(Ok(_))) => {
-                return Err(SignalError::new(
-                    ErrorCode::JoinRequired,
-                    "Send a join message first.",
-                ))
-            }
-            Err(_) => {
-                return Err(SignalError::new(
-                    ErrorCode::JoinRequired,
-                    "No join message arrived in time.",
-                ))
-            }
-        };
+        let first =
+            match tokio::time::timeout(self.state.limits.join_timeout, self.socket.recv()).await {
+                Ok(Some(Ok(Message::Text(t)))) => t,
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return Ok(None),
+                Ok(Some(Ok(_))) => {
+                    return Err(SignalError::new(
+                        ErrorCode::JoinRequired,
+                        "Send a join message first.",
+                    ))
+                }
+                Err(_) => {
+                    return Err(SignalError::new(
+                        ErrorCode::JoinRequired,
+                        "No join message arrived in time.",
+                    ))
+                }
+            };
         let (token, resume) = match ClientMsg::parse(&first) {
             Ok(ClientMsg::Join { token, resume }) => (token, resume),
             Ok(_) => {
@@ -132,6 +163,12 @@ impl Conn {
             Err(e) => return Err(e),
         };
 
+        if self.state.is_draining() {
+            return Err(SignalError::new(
+                ErrorCode::ServerDraining,
+                "This server is restarting. Try again in a moment; you will reach another one.",
+            ));
+        }
         let grant = self
             .state
             .tokens
@@ -146,7 +183,7 @@ impl Conn {
                 .session(&grant)
                 .await
                 .ok_or_else(|| SignalError::internal(&"router stopped"))?;
-            let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+            let (outbox, outbox_rx) = mpsc::channel(self.state.limits.outbox_messages);
             let (reply, rx) = oneshot::channel();
             let cmd = SessionCmd::Join {
                 grant: grant.clone(),
@@ -160,11 +197,12 @@ impl Conn {
             }
             match rx.await {
                 Ok(Ok(())) => {
+                    self.slot.joined();
                     return Ok(Some(Joined {
                         who: grant.participant.clone(),
                         session,
                         outbox_rx,
-                    }))
+                    }));
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => continue,
@@ -180,6 +218,9 @@ impl Conn {
         session: &SessionHandle,
         outbox: &mut mpsc::Receiver<ServerMsg>,
     ) -> Ending {
+        let limits = self.state.limits.clone();
+        let mut ping = tokio::time::interval(limits.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 out = outbox.recv() => {
@@ -193,12 +234,48 @@ impl Conn {
                         return Ending::ClosedByServer;
                     }
                 }
+                _ = ping.tick() => {
+                    if self.last_seen.elapsed() >= limits.silence_timeout {
+                        tracing::debug!("connection silent, closing");
+                        self.close(CLOSE_GOING_AWAY, "silent").await;
+                        return Ending::Lost;
+                    }
+                    if self.send_frame(Message::Ping(Vec::new().into())).await.is_err() {
+                        return Ending::Lost;
+                    }
+                }
                 incoming = self.socket.recv() => {
                     let text = match incoming {
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ending::Lost,
-                        Some(Ok(_)) => continue,
+                        Some(Ok(_)) => {
+                            // Pongs and other frames are signs of life, nothing more.
+                            self.last_seen = Instant::now();
+                            continue;
+                        }
                     };
+                    self.last_seen = Instant::now();
+                    if text.len() > limits.max_message_bytes {
+                        tracing::warn!(len = text.len(), "message too large, closing");
+                        self.close(CLOSE_TOO_BIG, "message too large").await;
+                        return Ending::Lost;
+                    }
+                    if !self.rate.allow(Instant::now()) {
+                        self.rate_warnings += 1;
+                        if self.rate_warnings > limits.rate_warnings {
+                            tracing::warn!("message flood, closing");
+                            self.close(CLOSE_POLICY, "rate limit").await;
+                            return Ending::Lost;
+                        }
+                        let e = SignalError::new(
+                            ErrorCode::RateLimited,
+                            "Too many messages; slow down or the connection will be closed.",
+                        );
+                        if self.send(&ServerMsg::from(&e)).await.is_err() {
+                            return Ending::Lost;
+                        }
+                        continue;
+                    }
                     match ClientMsg::parse(&text) {
                         Ok(ClientMsg::Leave) => {
                             let _ = self.send(&ServerMsg::Left { reason: LeaveReason::Left.as_str() }).await;
@@ -334,10 +411,33 @@ impl Conn {
             .map_err(|_| SignalError::internal(&"session closed"))?
     }
 
-    async fn send(&mut self, msg: &ServerMsg) -> Result<(), axum::Error> {
+    async fn send(&mut self, msg: &ServerMsg) -> Result<(), SendError> {
         // Serializing our own message types cannot fail: no maps with non-string keys.
         let text = serde_json::to_string(msg).unwrap_or_default();
-        self.socket.send(Message::Text(text.into())).await
+        self.send_frame(Message::Text(text.into())).await
+    }
+
+    /// Writes one frame, giving up when the browser has not taken it within the send
+    /// timeout: a client that stops reading must not hold its connection task forever.
+    async fn send_frame(&mut self, frame: Message) -> Result<(), SendError> {
+        match tokio::time::timeout(self.state.limits.send_timeout, self.socket.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendError),
+            Err(_) => {
+                tracing::warn!("client stopped reading, closing");
+                // Best effort: a client that does not read will not see this either.
+                let frame = CloseFrame {
+                    code: CLOSE_TRY_AGAIN,
+                    reason: "not reading".into(),
+                };
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    self.socket.send(Message::Close(Some(frame))),
+                )
+                .await;
+                Err(SendError)
+            }
+        }
     }
 
     async fn fail(&mut self, e: &SignalError) {
@@ -356,6 +456,10 @@ impl Conn {
             code,
             reason: reason.into(),
         };
-        let _ = self.socket.send(Message::Close(Some(frame))).await;
+        let _ = tokio::time::timeout(
+            self.state.limits.send_timeout,
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
     }
 }

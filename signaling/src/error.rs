@@ -21,6 +21,8 @@ pub enum ErrorCode {
     SessionFull,
     ClientNotPresent,
     Unauthorized,
+    RateLimited,
+    ServerDraining,
     AlreadyJoined,
     NotAdmitted,
     Forbidden,
@@ -48,6 +50,8 @@ impl ErrorCode {
             ErrorCode::SessionFull => "session_full",
             ErrorCode::ClientNotPresent => "client_not_present",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ServerDraining => "server_draining",
             ErrorCode::AlreadyJoined => "already_joined",
             ErrorCode::NotAdmitted => "not_admitted",
             ErrorCode::Forbidden => "forbidden",
@@ -74,6 +78,7 @@ impl ErrorCode {
                 | ErrorCode::RoleNotAllowed
                 | ErrorCode::SponsorNotAllowed
                 | ErrorCode::TokenRevoked
+                | ErrorCode::ServerDraining
                 | ErrorCode::Internal
         )
     }

@@ -147,10 +147,8 @@ pub enum ServerMsg {
     WaitingList {
         waiting: Vec<PeerView>,
     },
-    ParticipantJoined {
-        participant_id: ParticipantId,
-        role: Role,
-    },
+    /// Someone entered the room; the same fields as an entry of `participants`.
+    ParticipantJoined(PeerView),
     ParticipantLeft {
         participant_id: ParticipantId,
         reason: &'static str,
@@ -172,6 +170,11 @@ pub enum ServerMsg {
     },
     Left {
         reason: &'static str,
+    },
+    /// The server is draining for maintenance; sessions should wrap up by `deadline`.
+    GoingAway {
+        #[serde(with = "time::serde::rfc3339")]
+        deadline: OffsetDateTime,
     },
     Pong,
     Error {
@@ -223,5 +226,60 @@ mod tests {
         assert_eq!(json["type"], "error");
         assert_eq!(json["code"], "token_expired");
         assert!(json.get("opens_at").is_none());
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! A bounded property pass over the parser: whatever arrives, parsing never panics and a
+    //! refusal always carries one of the two parse codes. The test command runs it on every
+    //! build (256 cases per property).
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::hash_map("[a-z_]{1,12}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn check(text: &str) {
+        if let Err(e) = ClientMsg::parse(text) {
+            assert!(
+                matches!(e.code, ErrorCode::BadMessage | ErrorCode::UnknownType),
+                "{:?}",
+                e.code
+            );
+            assert!(!e.message.is_empty());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}") {
+            check(&text);
+        }
+
+        #[test]
+        fn known_types_with_arbitrary_fields_never_panic(
+            kind in prop::sample::select(CLIENT_TYPES.to_vec()),
+            fields in prop::collection::hash_map("[a-z_]{1,14}", any_json(), 0..5),
+        ) {
+            let mut obj: serde_json::Map<String, serde_json::Value> = fields.into_iter().collect();
+            obj.insert("type".into(), kind.into());
+            check(&serde_json::Value::Object(obj).to_string());
+        }
     }
 }

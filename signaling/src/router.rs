@@ -21,6 +21,10 @@ enum RouterCmd {
     Revoke {
         what: Revoked,
     },
+    /// Every open session, for node-wide notices.
+    All {
+        reply: oneshot::Sender<Vec<SessionHandle>>,
+    },
     Count {
         reply: oneshot::Sender<usize>,
     },
@@ -54,6 +58,45 @@ impl RouterHandle {
     /// Tells the sessions a revocation names, so they disconnect whoever holds it.
     pub async fn revoke(&self, what: Revoked) {
         let _ = self.tx.send(RouterCmd::Revoke { what }).await;
+    }
+
+    /// Every open session of this node.
+    pub async fn all(&self) -> Vec<SessionHandle> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(RouterCmd::All { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// How many people are in sessions on this node, waiting or in a room.
+    pub async fn people(&self) -> usize {
+        let mut n = 0;
+        for s in self.all().await {
+            let (reply, rx) = oneshot::channel();
+            if s.send(SessionCmd::Count { reply }).await {
+                n += rx.await.unwrap_or(0);
+            }
+        }
+        n
+    }
+
+    /// Tells everyone on the node that it is going away at `deadline`.
+    pub async fn going_away(&self, deadline: time::OffsetDateTime) {
+        for s in self.all().await {
+            s.send(SessionCmd::GoingAway { deadline }).await;
+        }
+    }
+
+    /// Ends every stay on the node with `server_shutdown`; returns once each session has
+    /// written its ledger entries.
+    pub async fn shutdown(&self) {
+        for s in self.all().await {
+            let (reply, rx) = oneshot::channel();
+            if s.send(SessionCmd::Shutdown { reply }).await {
+                let _ = rx.await;
+            }
+        }
     }
 
     /// How many sessions are open on this node.
@@ -92,6 +135,9 @@ async fn run(deps: SessionDeps, mut rx: mpsc::Receiver<RouterCmd>) {
                     let what = what.clone();
                     tokio::spawn(async move { s.send(SessionCmd::Revoke { what }).await });
                 }
+            }
+            RouterCmd::All { reply } => {
+                let _ = reply.send(sessions.values().cloned().collect());
             }
             RouterCmd::Count { reply } => {
                 let _ = reply.send(sessions.len());

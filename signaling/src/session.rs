@@ -137,10 +137,21 @@ pub enum SessionCmd {
     },
     /// The participant said `leave`.
     Leave { who: ParticipantId, conn: ConnId },
-    /// The participant's socket closed without `leave`.
-    Disconnected { who: ParticipantId, conn: ConnId },
+    /// The participant's socket closed without `leave`; `last_seen` is their last sign of
+    /// life on it.
+    Disconnected {
+        who: ParticipantId,
+        conn: ConnId,
+        last_seen: OffsetDateTime,
+    },
     /// A revocation from the scheduling system; members it names are disconnected.
     Revoke { what: Revoked },
+    /// The node is draining: tell everyone it is going away.
+    GoingAway { deadline: OffsetDateTime },
+    /// The node stops: end every stay with `server_shutdown`, ledger first.
+    Shutdown { reply: oneshot::Sender<()> },
+    /// How many people are in the session (waiting or in the room).
+    Count { reply: oneshot::Sender<usize> },
 }
 
 #[derive(Clone)]
@@ -194,7 +205,7 @@ struct Member {
     token_id: String,
     token_expires_at: OffsetDateTime,
     sponsor_for: Option<ParticipantId>,
-    #[allow(dead_code)] // recorded for weekly requirements once the ledger takes it
+    /// Recorded for clients right after admission; picks their weekly requirement.
     age_group: Option<AgeGroup>,
     /// The connection that holds the stay now; commands from any other are ignored.
     conn: ConnId,
@@ -208,6 +219,8 @@ struct Member {
     media_flowing: bool,
     media_ever: bool,
     muted: bool,
+    /// When the ledger recorded the admission; no later event of this stay is dated before.
+    admitted_at: Option<OffsetDateTime>,
 }
 
 struct Session {
@@ -442,7 +455,32 @@ impl Session {
                         .await;
                 }
             }
-            SessionCmd::Disconnected { who, conn } => self.disconnected(&who, conn).await,
+            SessionCmd::Disconnected {
+                who,
+                conn,
+                last_seen,
+            } => self.disconnected(&who, conn, last_seen).await,
+            SessionCmd::GoingAway { deadline } => {
+                for id in self.members.keys() {
+                    self.send_to(id, ServerMsg::GoingAway { deadline });
+                }
+            }
+            SessionCmd::Shutdown { reply } => {
+                let everyone: Vec<ParticipantId> = self.members.keys().cloned().collect();
+                for id in everyone {
+                    self.finish(
+                        &id,
+                        LeaveReason::ServerShutdown,
+                        OffsetDateTime::now_utc(),
+                        true,
+                    )
+                    .await;
+                }
+                let _ = reply.send(());
+            }
+            SessionCmd::Count { reply } => {
+                let _ = reply.send(self.members.len());
+            }
             SessionCmd::Revoke { what } => self.revoke(what).await,
         }
     }
@@ -501,6 +539,7 @@ impl Session {
             media_flowing: false,
             media_ever: false,
             muted: false,
+            admitted_at: None,
         };
         self.members.insert(who.clone(), member);
 
@@ -714,12 +753,9 @@ impl Session {
         }
 
         self.room.add_participant(who.clone()).await?;
+        let admitted_at = OffsetDateTime::now_utc();
         if let Err(e) = self
-            .record(
-                Some((who, role)),
-                EventKind::Admitted,
-                OffsetDateTime::now_utc(),
-            )
+            .record(Some((who, role)), EventKind::Admitted, admitted_at)
             .await
         {
             self.room.remove_participant(who.clone()).await;
@@ -727,19 +763,31 @@ impl Session {
         }
         if let Some(m) = self.members.get_mut(who) {
             m.stage = Stage::Admitted;
+            m.admitted_at = Some(admitted_at);
+        }
+        // Which weekly requirement applies is part of the record, next to the admission.
+        let age_group = self.members.get(who).and_then(|m| m.age_group);
+        if let (Role::Client, Some(group)) = (role, age_group) {
+            let age_group = match group {
+                AgeGroup::Adult => attendance::AgeGroup::Adult,
+                AgeGroup::Adolescent => attendance::AgeGroup::Adolescent,
+            };
+            if let Err(e) = self
+                .record(
+                    Some((who, role)),
+                    EventKind::AgeGroupRecorded { age_group },
+                    admitted_at,
+                )
+                .await
+            {
+                tracing::error!(session_id = %self.id, participant_id = %who, code = e.code.as_str(), "age group not recorded");
+            }
         }
         tracing::info!(session_id = %self.id, participant_id = %who, role = %role, "participant admitted");
 
         self.send_joined(who, false);
-        let view = self.members.get(who).map(|m| Self::peer_view(who, m));
-        if let Some(PeerView { role, .. }) = view {
-            self.broadcast_admitted(
-                who,
-                ServerMsg::ParticipantJoined {
-                    participant_id: who.clone(),
-                    role,
-                },
-            );
+        if let Some(view) = self.members.get(who).map(|m| Self::peer_view(who, m)) {
+            self.broadcast_admitted(who, ServerMsg::ParticipantJoined(view));
         }
         if role == Role::Therapist {
             self.notify_waiting();
@@ -839,7 +887,7 @@ impl Session {
         }
     }
 
-    async fn disconnected(&mut self, who: &ParticipantId, conn: ConnId) {
+    async fn disconnected(&mut self, who: &ParticipantId, conn: ConnId, last_seen: OffsetDateTime) {
         let Some(m) = self.members.get_mut(who).filter(|m| m.conn == conn) else {
             return;
         };
@@ -856,7 +904,8 @@ impl Session {
         // Admitted: the stay waits for a resume. Media keeps flowing if only the socket
         // broke; if the network went, the room reports the media stop on its own.
         m.outbox = None;
-        m.disconnected_at = Some(OffsetDateTime::now_utc());
+        // A socket silent since before its admission was still there when admitted.
+        m.disconnected_at = Some(m.admitted_at.map_or(last_seen, |a| last_seen.max(a)));
         tracing::info!(session_id = %self.id, participant_id = %who, "connection lost, waiting for resume");
     }
 

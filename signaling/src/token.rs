@@ -215,6 +215,33 @@ impl TokenVerifier {
         Ok(claims)
     }
 
+    /// Checks an auditor's bearer token: a trusted issuer's signature, audience, expiry and
+    /// `role: auditor` (any other role gets `forbidden`).
+    pub fn verify_auditor(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<ApiClaims, SignalError> {
+        let _ = now;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("The token is too long."));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("The token is damaged or incomplete."))?;
+        let claims: ApiClaims =
+            self.decode_as(token, header.kid.as_deref(), &["exp", "aud", "iss", "sub"])?;
+        let role = claims.role.as_deref().and_then(Role::parse);
+        if !role.is_some_and(|r| {
+            crate::permission::allowed(r, crate::permission::Action::ReadAttendance)
+        }) {
+            return Err(SignalError::new(
+                ErrorCode::Forbidden,
+                "Only auditors may read attendance.",
+            ));
+        }
+        Ok(claims)
+    }
+
     fn decode(&self, token: &str, kid: Option<&str>) -> Result<JoinClaims, SignalError> {
         self.decode_as(token, kid, &["exp", "nbf", "aud", "iss", "sub", "jti"])
     }

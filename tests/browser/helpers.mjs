@@ -3,6 +3,8 @@
 
 import { spawn, execFile } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import dgram from 'node:dgram';
 import net from 'node:net';
 import { promisify } from 'node:util';
@@ -83,12 +85,12 @@ export function freeUdpPort() {
 }
 
 /**
- * Start `haven serve` with its output in `logPath`. Returns the child and a promise of its
+ * Start `haven serve` with its output in `logPath` (and `env` added to this process's). Returns the child and a promise of its
  * exit, so the caller can stop it by PID and wait.
  */
-export function startHaven(bin, args, logPath) {
+export function startHaven(bin, args, logPath, env = {}) {
   const log = createWriteStream(logPath);
-  const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
   child.stdout.pipe(log);
   child.stderr.pipe(log);
 
@@ -141,11 +143,14 @@ export async function havenCommand(bin, args, timeoutMs = 20_000) {
   }
 }
 
-/** Mint a join link with `haven token --link` and return the URL it printed. */
-export async function mintLink(bin, { dataDir, session, role, subject, publicUrl }) {
+/**
+ * Mint a join link with `haven token --link` and return the URL it printed. `extra` holds
+ * further flags (`--kind group`, `--display-name ...`).
+ */
+export async function mintLink(bin, { dataDir, session, role, subject, publicUrl, extra = [] }) {
   const stdout = await havenCommand(bin, [
     'token', '--data-dir', dataDir, '--session', session, '--role', role,
-    '--subject', subject, '--link', '--public-url', publicUrl,
+    '--subject', subject, '--link', '--public-url', publicUrl, ...extra,
   ]);
   const link = stdout.split(/\s+/).find((word) => word.startsWith(`${publicUrl}/join#token=`));
   if (!link) throw new Error(`haven token printed no ${publicUrl}/join#token= link: ${stdout}`);
@@ -167,6 +172,67 @@ export async function launchParticipant(userDataDir, viewport) {
   const page = context.pages()[0] || await context.newPage();
   page.setDefaultTimeout(15_000);
   return { context, page };
+}
+
+/**
+ * One Chromium for a whole test file; each person gets their own context (profile) in it.
+ * Without `--use-fake-ui-for-media-stream`, camera and microphone follow each context's
+ * permissions, so a context without them sees access denied, as after a refused prompt.
+ */
+export async function launchBrowser() {
+  return chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: CHROMIUM_FLAGS.filter((flag) => flag !== '--use-fake-ui-for-media-stream'),
+    timeout: 30_000,
+  });
+}
+
+/**
+ * A person in their own context of `browser`, with camera and microphone allowed unless
+ * `deniedMedia`.
+ */
+export async function openPerson(browser, origin, name, { viewport, deniedMedia = false }) {
+  const context = await browser.newContext({
+    viewport,
+    permissions: deniedMedia ? [] : ['camera', 'microphone'],
+  });
+  const page = await context.newPage();
+  page.setDefaultTimeout(15_000);
+  return { name, context, page, seen: watchPage(page, origin) };
+}
+
+/**
+ * Run axe-core (from node_modules) on the page as it is now. Returns the serious and
+ * critical violations, and writes the full result to `outPath`.
+ *
+ * The page's policy (`script-src 'self'`) refuses a script tag with inline content, which
+ * is what `page.addScriptTag({path})` adds, so axe is evaluated through the DevTools
+ * protocol instead, which page policies do not govern.
+ */
+export async function axeCheck(page, outPath) {
+  const axePath = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
+  const source = await readFile(axePath, 'utf8');
+  await page.evaluate(`${source}\n;void 0`);
+  const result = await page.evaluate(() => window.axe.run(document, {
+    runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'] },
+  }));
+  const summary = result.violations.map((v) => ({
+    id: v.id, impact: v.impact, help: v.help,
+    nodes: v.nodes.slice(0, 5).map((n) => n.target.join(' ')),
+  }));
+  await writeFile(outPath, JSON.stringify({ url: result.url, violations: summary }, null, 2));
+  return summary.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+}
+
+/** Wait until a page's screen and a condition on its `window.haven.state` hold. */
+export async function waitForState(page, what, predicate, arg, timeoutMs = 15_000) {
+  try {
+    await page.waitForFunction(predicate, arg, { timeout: timeoutMs, polling: 100 });
+  } catch {
+    const state = await page.evaluate(() => JSON.stringify(window.haven?.state)).catch(() => '?');
+    throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; state: ${state}`);
+  }
 }
 
 /**

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Browser end-to-end test of Haven's web client.
+# Browser end-to-end tests of Haven's web client: e2e.test.mjs (two browsers, attendance)
+# and flows.test.mjs (every flow of the client, with screenshots and axe-core checks).
 #
 #   HAVEN_BIN=$HOME/.cache/haven-target/debug/haven tests/browser/run.sh
 #
@@ -24,10 +25,13 @@ TEST_OUTPUT_DIR=$(cd "$TEST_OUTPUT_DIR" && pwd)
 export HAVEN_BIN TEST_OUTPUT_DIR
 
 cd "$here"
-[ -d node_modules ] || npm ci --no-audit --no-fund
+# Reinstall when a pinned package is missing (a new one was added since the last install).
+for pkg in playwright-core typescript axe-core; do
+  [ -d "node_modules/$pkg" ] || { npm ci --no-audit --no-fund; break; }
+done
 
 # Type-check the web client (JSDoc types, strict).
 npx --no-install tsc -p tsconfig.json
 
 # 224.0.0.0/4 on lo: multicast (mDNS) has a route instead of failing with "No such device".
-exec unshare -n sh -c 'ip link set lo up && ip route add 224.0.0.0/4 dev lo && exec node --test --test-reporter=spec e2e.test.mjs'
+exec unshare -n sh -c 'ip link set lo up && ip route add 224.0.0.0/4 dev lo && exec node --test --test-concurrency=1 --test-reporter=spec e2e.test.mjs flows.test.mjs'

@@ -76,6 +76,8 @@ impl Server {
             )
             // Plain log lines, whatever the terminal.
             .env("NO_COLOR", "1")
+            // Tests stop servers with SIGTERM; they need not wait the production drain.
+            .env("HAVEN_DRAIN_SECONDS", "2")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,30 @@
+//! `haven drain`: asks the server running on a data directory to drain, the same as sending
+//! it SIGTERM. It finds the server by the `haven.pid` file the server writes at start.
+
+use std::path::Path;
+
+pub const PID_FILE: &str = "haven.pid";
+
+pub fn run(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
+    let path = data_dir.join(PID_FILE);
+    let pid = std::fs::read_to_string(&path).map_err(|_| {
+        anyhow::anyhow!(
+            "no server is running on {} (no {PID_FILE})",
+            data_dir.display()
+        )
+    })?;
+    let pid: u32 = pid
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{} is damaged", path.display()))?;
+    // The `kill` command rather than a signal crate: the binary forbids unsafe code, and this
+    // runs once.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        anyhow::bail!("could not signal process {pid}");
+    }
+    println!("draining haven (pid {pid}); it exits once its sessions have ended or the drain deadline passes");
+    Ok(std::process::ExitCode::SUCCESS)
+}
