@@ -25,6 +25,7 @@ command -v unshare >/dev/null || need_pkgs+=(util-linux)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
+command -v turnserver >/dev/null || need_pkgs+=(coturn)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   step "installing ${need_pkgs[*]}"
@@ -55,7 +56,7 @@ in_netns() {
 # cluster inside the namespace (the host's is not reachable there) and stops it afterwards.
 step "cargo test (network namespace)"
 HAVEN_IN_NETNS=1 in_netns tests/with-postgres.sh \
-  cargo test --workspace --offline --quiet -- --nocapture 2>&1 \
+  cargo test --workspace --offline --quiet --no-fail-fast -- --nocapture 2>&1 \
   | tee "$OUT/cargo-test.log"
 
 # --- browser tests -------------------------------------------------------------------------

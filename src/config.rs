@@ -24,6 +24,7 @@ pub const ENV_CAPACITY_GROUP: &str = "HAVEN_CAPACITY_GROUP";
 pub const ENV_CAPACITY_FAMILY: &str = "HAVEN_CAPACITY_FAMILY";
 pub const ENV_RESUME_GRACE_SECONDS: &str = "HAVEN_RESUME_GRACE_SECONDS";
 pub const ENV_DRAIN_SECONDS: &str = "HAVEN_DRAIN_SECONDS";
+pub const ENV_KEYS_REFRESH_SECONDS: &str = "HAVEN_KEYS_REFRESH_SECONDS";
 pub const ENV_DATABASE_URL: &str = "HAVEN_DATABASE_URL";
 pub const ENV_NODE_ID: &str = "HAVEN_NODE_ID";
 pub const ENV_MAX_MESSAGE_BYTES: &str = "HAVEN_MAX_MESSAGE_BYTES";
@@ -32,6 +33,35 @@ pub const ENV_MESSAGE_BURST: &str = "HAVEN_MESSAGE_BURST";
 pub const ENV_CONNECTIONS_PER_ADDRESS: &str = "HAVEN_CONNECTIONS_PER_ADDRESS";
 pub const ENV_PENDING_CONNECTIONS: &str = "HAVEN_PENDING_CONNECTIONS";
 pub const ENV_SILENCE_TIMEOUT_SECONDS: &str = "HAVEN_SILENCE_TIMEOUT_SECONDS";
+pub const ENV_TURN_CREDENTIAL_TTL_SECONDS: &str = "HAVEN_TURN_CREDENTIAL_TTL_SECONDS";
+
+/// The shortest and longest lifetime of a TURN credential: long enough to set up a call,
+/// short enough that a leaked one soon stops working.
+const TURN_TTL_RANGE: std::ops::RangeInclusive<u32> = 600..=7 * 24 * 3600;
+
+/// The shortest TURN secret accepted: a short one can be guessed from a credential.
+const TURN_SECRET_MIN_BYTES: usize = 16;
+
+/// A TURN server Haven hands credentials for: one `[[turn_servers]]` table.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TurnServerConfig {
+    /// `turn:` and `turns:` URLs of the server, as the browser is given them, for example
+    /// `turn:turn.example.org:3478?transport=udp` and `turns:turn.example.org:443?transport=tcp`.
+    pub urls: Vec<String>,
+    /// The server's `static-auth-secret` (coturn's `use-auth-secret` mode).
+    pub secret: String,
+}
+
+// The secret never reaches a log line through `{:?}`.
+impl std::fmt::Debug for TurnServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnServerConfig")
+            .field("urls", &self.urls)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
 
 /// Every setting, with its default in [`Config::default`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -86,9 +116,16 @@ pub struct Config {
     /// Counting and program rules for reports (the `[attendance]` table; see
     /// `docs/attendance.md`).
     pub attendance: attendance::AttendanceRules,
+    /// How often issuer key files (JWKS, PEM) are read again, for key rotation; 0 never.
+    pub keys_refresh_seconds: u32,
     /// Development only: also accept HS256 tokens from issuer `haven-dev` signed with this
     /// shared secret.
     pub dev_hs256_secret: Option<String>,
+    /// TURN servers whose credentials each participant gets in `joined`; none by default.
+    pub turn_servers: Vec<TurnServerConfig>,
+    /// How long those credentials last: a whole session and its overrun, since an allocation
+    /// cannot be refreshed once its credential has expired.
+    pub turn_credential_ttl_seconds: u32,
 }
 
 impl Default for Config {
@@ -106,6 +143,7 @@ impl Default for Config {
             capacity_family: 10,
             resume_grace_seconds: 60,
             issuers: Vec::new(),
+            keys_refresh_seconds: 300,
             database_url: None,
             node_id: "haven-1".into(),
             attendance: attendance::AttendanceRules::default(),
@@ -118,6 +156,8 @@ impl Default for Config {
             pending_connections: 1000,
             silence_timeout_seconds: 45,
             dev_hs256_secret: None,
+            turn_servers: Vec::new(),
+            turn_credential_ttl_seconds: 6 * 3600,
         }
     }
 }
@@ -160,6 +200,7 @@ impl Config {
             (ENV_CAPACITY_FAMILY, "capacity_family"),
             (ENV_RESUME_GRACE_SECONDS, "resume_grace_seconds"),
             (ENV_DRAIN_SECONDS, "drain_seconds"),
+            (ENV_KEYS_REFRESH_SECONDS, "keys_refresh_seconds"),
             (ENV_DATABASE_URL, "database_url"),
             (ENV_NODE_ID, "node_id"),
             (ENV_MAX_MESSAGE_BYTES, "max_message_bytes"),
@@ -168,6 +209,10 @@ impl Config {
             (ENV_CONNECTIONS_PER_ADDRESS, "connections_per_address"),
             (ENV_PENDING_CONNECTIONS, "pending_connections"),
             (ENV_SILENCE_TIMEOUT_SECONDS, "silence_timeout_seconds"),
+            (
+                ENV_TURN_CREDENTIAL_TTL_SECONDS,
+                "turn_credential_ttl_seconds",
+            ),
         ];
         for (var, key) in env_names {
             fig = fig.merge(Env::raw().only(&[var]).map(move |_| key.into()));
@@ -216,6 +261,31 @@ impl Config {
         if let Err(problems) = self.attendance.validate() {
             bad.extend(problems.into_iter().map(|p| format!("attendance: {p}")));
         }
+        if !TURN_TTL_RANGE.contains(&self.turn_credential_ttl_seconds) {
+            bad.push(format!(
+                "turn_credential_ttl_seconds = {}: between {} and {}",
+                self.turn_credential_ttl_seconds,
+                TURN_TTL_RANGE.start(),
+                TURN_TTL_RANGE.end()
+            ));
+        }
+        for (i, server) in self.turn_servers.iter().enumerate() {
+            if server.urls.is_empty() {
+                bad.push(format!("turn_servers[{i}]: urls is empty"));
+            }
+            for url in &server.urls {
+                if !(url.starts_with("turn:") || url.starts_with("turns:")) {
+                    bad.push(format!(
+                        "turn_servers[{i}]: {url:?} is not a turn: or turns: URL"
+                    ));
+                }
+            }
+            if server.secret.len() < TURN_SECRET_MIN_BYTES {
+                bad.push(format!(
+                    "turn_servers[{i}]: secret is shorter than {TURN_SECRET_MIN_BYTES} bytes"
+                ));
+            }
+        }
         if self.resume_grace_seconds > 600 {
             bad.push(format!(
                 "resume_grace_seconds = {}: at most 600",
@@ -226,6 +296,21 @@ impl Config {
             Ok(())
         } else {
             anyhow::bail!("invalid configuration:\n  {}", bad.join("\n  "))
+        }
+    }
+
+    /// The TURN settings as the signaling server takes them.
+    pub fn turn_policy(&self) -> signaling::TurnPolicy {
+        signaling::TurnPolicy {
+            servers: self
+                .turn_servers
+                .iter()
+                .map(|s| signaling::TurnServer {
+                    urls: s.urls.clone(),
+                    secret: s.secret.clone(),
+                })
+                .collect(),
+            credential_ttl: std::time::Duration::from_secs(self.turn_credential_ttl_seconds.into()),
         }
     }
 
@@ -253,6 +338,48 @@ mod tests {
         let c = Config::load(None, flags).expect("valid");
         assert_eq!(c.media_port, 9000);
         assert_eq!(c.http, Config::default().http);
+    }
+
+    #[test]
+    fn turn_servers_are_read_and_bad_ones_reported_together() {
+        let dir = tempfile_dir("turn");
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "turn_credential_ttl_seconds = 3600\n\
+             [[turn_servers]]\n\
+             urls = [\"turn:127.0.0.1:3478?transport=udp\", \"turns:turn.example.org:443?transport=tcp\"]\n\
+             secret = \"0123456789abcdef0123\"\n",
+        )
+        .expect("write");
+        let c = Config::load(Some(good), Overrides::default()).expect("valid");
+        let policy = c.turn_policy();
+        assert_eq!(policy.servers.len(), 1);
+        assert_eq!(policy.servers[0].urls.len(), 2);
+        assert_eq!(policy.credential_ttl.as_secs(), 3600);
+        assert!(!format!("{c:?}").contains("0123456789abcdef0123"));
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "turn_credential_ttl_seconds = 5\n\
+             [[turn_servers]]\n\
+             urls = [\"stun:127.0.0.1:3478\"]\n\
+             secret = \"short\"\n",
+        )
+        .expect("write");
+        let err = Config::load(Some(bad), Overrides::default())
+            .expect_err("bad TURN settings")
+            .to_string();
+        for part in ["turn_credential_ttl_seconds", "stun:", "secret is shorter"] {
+            assert!(err.contains(part), "{part} missing from: {err}");
+        }
+    }
+
+    fn tempfile_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("haven-cfg-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
     }
 
     #[test]

@@ -17,6 +17,16 @@ pub fn run(data_dir: &Path) -> anyhow::Result<std::process::ExitCode> {
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("{} is damaged", path.display()))?;
+    // A server killed outright leaves its pid file behind, and the number may since belong to
+    // another program: signal it only if it is a haven.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    if !String::from_utf8_lossy(program).ends_with("haven") {
+        anyhow::bail!(
+            "no haven is running on {} (stale {PID_FILE}, pid {pid})",
+            data_dir.display()
+        );
+    }
     // The `kill` command rather than a signal crate: the binary forbids unsafe code, and this
     // runs once.
     let status = std::process::Command::new("kill")

@@ -8,6 +8,7 @@ mod attendance_cmd;
 mod config;
 mod devkey;
 mod drain;
+mod http;
 mod keys;
 mod serve;
 mod token;
@@ -20,11 +21,15 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "haven",
     version,
-    about = "Video sessions for online intensive outpatient therapy"
+    about = "Video sessions for online intensive outpatient therapy",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no command, `haven` serves: the serve flags work here too (`haven --http ...`).
+    #[command(flatten)]
+    serve: serve::ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -48,10 +53,7 @@ pub const LEDGER_FILE: &str = attendance::LEDGER_FILE;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli
-        .command
-        .unwrap_or(Command::Serve(serve::ServeArgs::default()))
-    {
+    let result = match cli.command.unwrap_or(Command::Serve(cli.serve)) {
         Command::Serve(args) => serve::run(args),
         Command::Token(args) => token::run(args),
         Command::Drain { data_dir } => drain::run(&data_dir),

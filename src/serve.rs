@@ -1,6 +1,6 @@
 //! `haven serve`: wires the ledger, the media plane and the signaling server together.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,30 +81,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    // One server per data directory: a second one would run crash recovery on the first
+    // one's live stays. Held until the process exits.
+    let _lock = lock_data_dir(&config.data_dir)?;
 
     // Development mode when no issuer keys are configured: the generated key is trusted.
     let dev_mode = config.issuers.is_empty();
-    let mut keys = crate::keys::load(&config.issuers)?;
-    if dev_mode {
-        let dev = devkey::load_or_create(&config.data_dir)?;
-        keys.push(TrustedKey {
-            issuer: devkey::DEV_ISSUER.into(),
-            algorithm: Algorithm::EdDSA,
-            key: dev.decoding,
-            kid: None,
-        });
-    }
-    if let Some(secret) = &config.dev_hs256_secret {
+    if config.dev_hs256_secret.is_some() {
         tracing::warn!(
             "dev_hs256_secret is set: HS256 tokens are accepted; never do this in production"
         );
-        keys.push(TrustedKey {
-            issuer: devkey::DEV_ISSUER.into(),
-            algorithm: Algorithm::HS256,
-            key: jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
-            kid: None,
-        });
     }
+    let keys = trusted_keys(&config)?;
     let mode = if dev_mode {
         "development: trusting the generated key in dev-signing-key.pem"
     } else {
@@ -171,6 +159,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             family: config.capacity_family,
         },
         resume_grace: Duration::from_secs(config.resume_grace_seconds.into()),
+        counting: config.attendance.counting(),
+        turn: config.turn_policy(),
     };
     let deps = SessionDeps {
         sfu: sfu.clone(),
@@ -196,6 +186,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         attendance_rules: config.attendance.clone(),
     };
     let state = ServerState::new(TokenVerifier::new(keys, rules), deps, http_settings);
+    // Key rotation: JWKS and PEM files are read again every `keys_refresh_seconds`. A file
+    // that cannot be read or parsed keeps the keys in use and is reported.
+    if !dev_mode && config.keys_refresh_seconds > 0 {
+        let refresh_state = Arc::clone(&state);
+        let refresh_config = config.clone();
+        let every = Duration::from_secs(config.keys_refresh_seconds.into());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                match trusted_keys(&refresh_config) {
+                    Ok(keys) => refresh_state.tokens.replace_keys(keys),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "issuer keys not refreshed; keeping the current ones")
+                    }
+                }
+            }
+        });
+    }
+
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("cannot listen on {}", config.http))?;
@@ -226,13 +236,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let _ = drained_tx.send(true);
     });
 
-    let app =
-        signaling::app(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
-    let mut stop = drained_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|done| *done).await;
-    });
-    let server = tokio::spawn(async move { server.await });
+    let app = signaling::app(Arc::clone(&state));
+    let server = tokio::spawn(crate::http::serve(listener, app, drained_rx.clone()));
     let mut done = drained_rx;
     let _ = done.wait_for(|d| *d).await;
     // Open WebSockets were told `left` by now; give them a moment to close cleanly.
@@ -240,6 +245,49 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     drop(pid_file);
     tracing::info!("haven stopped");
     Ok(())
+}
+
+/// Every key the server trusts under `config`: the configured issuers' keys, the development
+/// key when no issuer is configured, and the development HS256 secret when set.
+fn trusted_keys(config: &Config) -> anyhow::Result<Vec<TrustedKey>> {
+    let mut keys = crate::keys::load(&config.issuers)?;
+    if config.issuers.is_empty() {
+        let dev = devkey::load_or_create(&config.data_dir)?;
+        keys.push(TrustedKey {
+            issuer: devkey::DEV_ISSUER.into(),
+            algorithm: Algorithm::EdDSA,
+            key: dev.decoding,
+            kid: None,
+        });
+    }
+    if let Some(secret) = &config.dev_hs256_secret {
+        keys.push(TrustedKey {
+            issuer: devkey::DEV_ISSUER.into(),
+            algorithm: Algorithm::HS256,
+            key: jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+            kid: None,
+        });
+    }
+    Ok(keys)
+}
+
+/// Takes the data directory's lock file, or says which server holds it.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("haven.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another haven is already running on {}; stop it first, or give this one its own --data-dir",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
 }
 
 /// `haven.pid` in the data directory, for `haven drain`; removed when the server stops.

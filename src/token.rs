@@ -88,7 +88,12 @@ pub fn run(args: TokenArgs) -> anyhow::Result<std::process::ExitCode> {
     let starts_at = match &args.starts_at {
         Some(s) => OffsetDateTime::parse(s, &Rfc3339)
             .with_context(|| format!("--starts-at {s:?} is not RFC 3339"))?,
-        None => now,
+        // The current minute, so that links minted together for one session (a therapist's
+        // and a client's) carry the same schedule.
+        None => now
+            .replace_second(0)
+            .and_then(|t| t.replace_nanosecond(0))
+            .unwrap_or(now),
     };
     let ends_at = match &args.ends_at {
         Some(s) => OffsetDateTime::parse(s, &Rfc3339)

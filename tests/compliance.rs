@@ -3,47 +3,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Server, Signal};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET with an optional bearer token; returns status, content type and body.
 async fn get(server: &Server, path: &str, bearer: Option<&str>) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(&server.http)
-        .await
-        .expect("connect");
-    let auth = bearer
-        .map(|b| format!("Authorization: Bearer {b}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n",
-        server.http
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .expect("in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let ctype = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type:")
-                .map(|v| v.trim().to_owned())
-        })
-        .unwrap_or_default();
-    // Responses here are small; a chunked body still contains the JSON or CSV text.
-    (status, ctype, body.to_owned())
+    common::http(server, "GET", path, bearer, "").await
 }
 
 #[tokio::test]

@@ -388,41 +388,85 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
-/// A minimal HTTP/1.1 client over a TCP socket: enough for status codes of small requests.
-struct Http {
-    addr: String,
+/// POSTs and returns the status code.
+struct Http<'a> {
+    server: &'a Server,
 }
 
-fn reqwest_like(server: &Server) -> Http {
-    Http {
-        addr: server.http.clone(),
-    }
+fn reqwest_like(server: &Server) -> Http<'_> {
+    Http { server }
 }
 
-impl Http {
+impl Http<'_> {
     async fn post(&self, path: &str, bearer: Option<&str>, body: &str) -> u16 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.addr)
+        common::http(self.server, "POST", path, bearer, body)
             .await
-            .expect("connect");
-        let auth = bearer
-            .map(|b| format!("Authorization: Bearer {b}\r\n"))
-            .unwrap_or_default();
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.expect("write");
-        let mut resp = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp))
-            .await
-            .expect("response in time")
-            .expect("read");
-        let text = String::from_utf8_lossy(&resp);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status code")
+            .0
     }
+}
+
+#[tokio::test]
+async fn removal_after_a_second_tab_revokes_the_token_in_use() {
+    let server = Server::start();
+    let mut t = therapist_in(&server, "sess-rm2", &[]).await;
+    let first = server.token("sess-rm2", "client", "p-rm2-01", &[]);
+    let second = server.token("sess-rm2", "client", "p-rm2-01", &[]);
+    let mut tab1 = Signal::connect(&server).await;
+    tab1.join(&first).await;
+    tab1.expect("waiting").await;
+    let mut tab2 = Signal::connect(&server).await;
+    tab2.join(&second).await;
+    tab2.expect("waiting").await;
+    assert_eq!(tab1.expect("left").await["reason"], "replaced");
+
+    t.waiting_list_with("p-rm2-01").await;
+    t.send(json!({"type": "remove", "participant_id": "p-rm2-01"}))
+        .await;
+    assert_eq!(tab2.expect("left").await["reason"], "removed");
+    let mut again = Signal::connect(&server).await;
+    again.join(&second).await;
+    assert_eq!(again.expect("error").await["code"], "token_revoked");
+
+    // A therapist cannot remove themselves (and so revoke their own link).
+    t.send(json!({"type": "remove", "participant_id": "t-lc-01"}))
+        .await;
+    assert_eq!(t.expect("error").await["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn with_automatic_admission_a_freed_place_goes_to_the_next_person_waiting() {
+    let server = Server::start_with_env(&[("HAVEN_CAPACITY_INDIVIDUAL", "2")]);
+    let args = ["--auto-admit"];
+    let _t = therapist_in(&server, "sess-auto", &args).await;
+    let mut first = Signal::connect(&server).await;
+    first
+        .join(&server.token("sess-auto", "client", "p-auto-01", &args))
+        .await;
+    first.expect("joined").await;
+    let mut second = Signal::connect(&server).await;
+    second
+        .join(&server.token("sess-auto", "client", "p-auto-02", &args))
+        .await;
+    second.expect("waiting").await;
+
+    first.send(json!({"type": "leave"})).await;
+    first.expect("left").await;
+    second.expect("joined").await;
+}
+
+#[tokio::test]
+async fn a_sponsor_accompanies_a_client_not_a_therapist() {
+    let server = Server::start();
+    // The token names the therapist as the person the sponsor accompanies.
+    let family = ["--kind", "family", "--sponsor-for", "t-lc-01"];
+    let mut t = therapist_in(&server, "sess-sp2", &family).await;
+    let mut sponsor = Signal::connect(&server).await;
+    sponsor
+        .join(&server.token("sess-sp2", "sponsor", "s-sp2-01", &family))
+        .await;
+    sponsor.expect("waiting").await;
+    t.waiting_list_with("s-sp2-01").await;
+    t.send(json!({"type": "admit", "participant_id": "s-sp2-01"}))
+        .await;
+    assert_eq!(t.expect("error").await["code"], "client_not_present");
 }

@@ -456,7 +456,7 @@ async fn random_message_sequences_from_both_sides_never_break_the_server() {
             .await;
 
         for _ in 0..150 {
-            let who = if rng.next() % 2 == 0 { &mut t } else { &mut c };
+            let to_therapist = rng.next().is_multiple_of(2);
             let msg = json!({
                 "type": rng.pick(&types),
                 "participant_id": rng.pick(&ids),
@@ -464,10 +464,18 @@ async fn random_message_sequences_from_both_sides_never_break_the_server() {
                 "sdp": rng.pick(&["v=0", "", "garbage\r\n", "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"]),
                 "pc": rng.pick(&["publish", "subscribe", "both"]),
                 "candidate": rng.pick(&["", "candidate:1 1 udp 1 127.0.0.1 9 typ host", "nonsense"]),
-                "muted": rng.next() % 2 == 0,
+                "muted": rng.next().is_multiple_of(2),
                 "token": "x",
             });
-            who.send(msg).await;
+            // A sequence may get a socket closed (a removal, a bad join); the other keeps going.
+            let (who, other) = if to_therapist {
+                (&mut t, &mut c)
+            } else {
+                (&mut c, &mut t)
+            };
+            if !who.try_send(msg).await && !other.try_send(json!({"type": "ping"})).await {
+                break;
+            }
         }
         // Both sockets may have been closed by the sequence (a removal, say); the server and
         // the other room must be fine either way.
@@ -480,4 +488,108 @@ async fn random_message_sequences_from_both_sides_never_break_the_server() {
         "{}",
         server.log_text()
     );
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_refuses_to_start_and_changes_nothing() {
+    let server = Server::start();
+    let mut t = Signal::connect(&server).await;
+    t.join(&server.token("sess-lock", "therapist", "t-lk-01", &[]))
+        .await;
+    t.expect("joined").await;
+    let before = server.ledger_entries();
+
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--media-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&server.data_dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("second haven");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("another haven is already running"), "{said}");
+    assert_eq!(
+        server.ledger_entries(),
+        before,
+        "no recovery ran on the live ledger"
+    );
+    assert!(
+        server.data_dir.join("haven.pid").exists(),
+        "the running server's pid file stays"
+    );
+    still_fine(&mut t).await;
+}
+
+#[tokio::test]
+async fn drain_does_not_signal_a_stale_pid_that_is_not_haven() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut other = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    std::fs::write(dir.path().join("haven.pid"), format!("{}\n", other.id())).expect("pid file");
+    let out = std::process::Command::new(common::BIN)
+        .args(["drain", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("haven drain");
+    assert!(!out.status.success());
+    assert!(
+        other.try_wait().expect("wait").is_none(),
+        "the other program was not signalled"
+    );
+    let _ = other.kill();
+    let _ = other.wait();
+}
+
+#[tokio::test]
+async fn a_publish_offer_with_many_media_sections_is_refused() {
+    let server = Server::start();
+    let mut t = Signal::connect(&server).await;
+    t.join(&server.token("sess-mlines", "therapist", "t-ml-01", &[]))
+        .await;
+    t.expect("joined").await;
+    let mut sdp = String::from("v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n");
+    for _ in 0..50 {
+        sdp.push_str("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n");
+    }
+    t.send(json!({"type": "publish_offer", "sdp": sdp})).await;
+    let e = t.expect("error").await;
+    assert_eq!(e["code"], "negotiation_failed");
+    // The sentence never carries parser internals such as memory addresses.
+    assert!(!e["message"].as_str().unwrap_or("").contains("0x"), "{e}");
+    still_fine(&mut t).await;
+}
+
+#[tokio::test]
+async fn a_request_whose_headers_never_finish_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Server::start();
+    let mut s = tokio::net::TcpStream::connect(&server.http)
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    // Never the blank line that ends the headers: the server closes within its 10-second
+    // header timeout (plus scheduling slack), instead of holding the connection forever.
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the connection was closed");
 }

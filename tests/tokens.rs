@@ -236,7 +236,10 @@ async fn client_waits_until_the_therapist_admits_and_errors_keep_the_socket_open
     assert_eq!(server.ledger_entries(), before + 1, "one Admitted entry");
 
     client.send(json!({"type": "leave"})).await;
-    assert_eq!(client.expect("left").await["reason"], "left");
+    let left = client.expect("left").await;
+    assert_eq!(left["reason"], "left");
+    // No media flowed, so nothing is credited, and the client is told so.
+    assert_eq!(left["credited_minutes"], 0.0);
     let gone = therapist.expect("participant_left").await;
     assert_eq!(gone["participant_id"], "p-w-01");
     assert_eq!(server.ledger_entries(), before + 2, "and one Left entry");
@@ -402,4 +405,65 @@ async fn the_documented_node_script_mints_a_token_haven_accepts() {
     s.join(token.trim()).await;
     let joined = s.expect("joined").await;
     assert_eq!(joined["session"]["id"], "sess-doc");
+}
+
+#[tokio::test]
+async fn a_rotated_jwks_file_is_picked_up_and_the_old_key_retired() {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let new_key =
+        || Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).expect("key");
+    let jwk = |doc: &aws_lc_rs::pkcs8::Document, kid: &str| {
+        let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).expect("key");
+        json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(pair.public_key().as_ref()), "kid": kid, "alg": "EdDSA"})
+    };
+    let (old, new) = (new_key(), new_key());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [jwk(&old, "k-old")]}).to_string()).expect("write");
+    let config = dir.path().join("haven.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[issuers]]\nissuer = \"rotating\"\njwks_file = \"{}\"\n",
+            jwks.display()
+        ),
+    )
+    .expect("write");
+    let server = Server::start_with_env(&[
+        ("HAVEN_CONFIG", config.to_str().expect("utf-8 path")),
+        ("HAVEN_KEYS_REFRESH_SECONDS", "1"),
+    ]);
+
+    let signed = |doc: &aws_lc_rs::pkcs8::Document, kid: &str, sub: &str| {
+        let mut c = claims();
+        c["iss"] = json!("rotating");
+        c["sub"] = json!(sub);
+        c["jti"] = json!(format!("jti-{sub}"));
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&h, &c, &EncodingKey::from_ed_der(doc.as_ref())).expect("sign")
+    };
+    let mut s = Signal::connect(&server).await;
+    s.join(&signed(&old, "k-old", "p-rot-01")).await;
+    assert_eq!(s.recv().await["type"], "waiting");
+
+    // The scheduling system rotates: only the new key is published now.
+    std::fs::write(&jwks, json!({"keys": [jwk(&new, "k-new")]}).to_string()).expect("write");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let mut s = Signal::connect(&server).await;
+    s.join(&signed(&new, "k-new", "p-rot-02")).await;
+    assert_eq!(s.recv().await["type"], "waiting", "the new key is trusted");
+    assert_eq!(
+        refused(&server, &signed(&old, "k-old", "p-rot-03")).await["code"],
+        "token_invalid"
+    );
+
+    // A broken file keeps the keys in use.
+    std::fs::write(&jwks, "{ not json").expect("write");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut s = Signal::connect(&server).await;
+    s.join(&signed(&new, "k-new", "p-rot-04")).await;
+    assert_eq!(s.recv().await["type"], "waiting");
 }

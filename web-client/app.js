@@ -27,6 +27,7 @@ import {
 /** @typedef {import('./signaling.js').ServerMessage} ServerMessage */
 /** @typedef {import('./signaling.js').ErrorMessage} ErrorMessage */
 /** @typedef {import('./signaling.js').JoinedMessage} JoinedMessage */
+/** @typedef {import('./signaling.js').IceServerInfo} IceServerInfo */
 /** @typedef {import('./media.js').MediaProblem} MediaProblem */
 /** @typedef {import('./stats.js').Quality} Quality */
 /** @typedef {import('./ui.js').Screen} Screen */
@@ -140,6 +141,8 @@ let leaving = false;
 
 /** From the last `joined`: what resumes this stay after a lost socket. */
 let resumeToken = /** @type {string | null} */ (null);
+/** TURN servers and their credentials, for both peer connections. @type {IceServerInfo[]} */
+let iceServers = [];
 let graceSeconds = DEFAULT_GRACE_SECONDS;
 let reconnectDeadline = 0;
 /** @type {ReturnType<typeof setTimeout> | undefined} */
@@ -348,7 +351,7 @@ function handleMessage(message) {
     case 'participant_muted': return onParticipantMuted(message.participant_id, message.muted);
     case 'publish_answer': return onPublishAnswer(message.sdp);
     case 'subscribe_offer': return subscriber?.handleOffer(message);
-    case 'left': return endStay(message.reason);
+    case 'left': return endStay(message.reason, message.credited_minutes);
     case 'pong': return;
     case 'error': return onError(message);
     default:
@@ -419,6 +422,7 @@ function onJoined(joined) {
   state.displayName = joined.display_name ?? null;
   state.mutedByTherapist = !!joined.muted;
   resumeToken = joined.resume_token ?? null;
+  iceServers = joined.ice_servers ?? [];
   graceSeconds = joined.resume_grace_seconds ?? DEFAULT_GRACE_SECONDS;
   if (state.joinedAt === null) state.joinedAt = Date.now();
   if (joined.resumed) state.reconnect.resumes += 1;
@@ -464,7 +468,7 @@ function startMedia() {
       console.error('haven: subscribe negotiation failed', error);
       showNotice('Incoming audio and video could not be set up. Leave and join again.');
     },
-  });
+  }, iceServers);
   pcs.subscribe = subscriber.pc;
   watchConnection(subscriber.pc, 'subscribe');
 
@@ -472,7 +476,7 @@ function startMedia() {
   const publish = createPublishConnection(localStream, (candidate) => {
     if (earlyPublishCandidates) earlyPublishCandidates.push(candidate);
     else signaling.send({ type: 'candidate', pc: 'publish', candidate });
-  });
+  }, iceServers);
   pcs.publish = publish;
   watchConnection(publish, 'publish');
 
@@ -915,8 +919,11 @@ const ENDINGS = {
   },
 };
 
-/** @param {LeaveReason | string} reason */
-function endStay(reason) {
+/**
+ * @param {LeaveReason | string} reason
+ * @param {number} [creditedMinutes] for a client: the minutes the ledger credits for this session
+ */
+function endStay(reason, creditedMinutes) {
   const ending = ENDINGS[/** @type {keyof typeof ENDINGS} */ (reason)] ||
     { title: 'You are no longer in the session', text: 'Your stay in the session ended.', rejoin: true };
   const role = state.role;
@@ -936,9 +943,15 @@ function endStay(reason) {
       `(${minutes === 0 ? 'less than a minute' : minutes === 1 ? 'about 1 minute' : `about ${minutes} minutes`}` +
       ', as this browser measured it)']);
   }
+  if (role === 'client' && typeof creditedMinutes === 'number') {
+    const whole = Math.floor(creditedMinutes);
+    facts.push(['Credited for this session so far',
+      `${whole} minute${whole === 1 ? '' : 's'} (time your audio or video reached the therapist)`]);
+  }
   renderFacts(byId('ended-facts', HTMLElement), facts);
-  // Haven does not send credited minutes to the browser yet; say where they are kept.
-  byId('ended-credit-note', HTMLElement).hidden = role !== 'client';
+  // Without a figure from the server (for example after a lost connection), say where the
+  // record is kept.
+  byId('ended-credit-note', HTMLElement).hidden = role !== 'client' || typeof creditedMinutes === 'number';
   byId('rejoin-button', HTMLButtonElement).hidden = !token || !ending.rejoin;
   setScreen('ended');
   announce(`${ending.title}. ${ending.text}`);

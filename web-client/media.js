@@ -5,13 +5,19 @@
 
 /** @typedef {import('./signaling.js').TrackInfo} TrackInfo */
 /** @typedef {import('./signaling.js').SubscribeOfferMessage} SubscribeOfferMessage */
+/** @typedef {import('./signaling.js').IceServerInfo} IceServerInfo */
 
 /**
- * Haven is ICE-lite and writes its own candidates into its SDP, so no STUN or TURN server
- * is needed, and an explicit empty list keeps the browser from contacting any default one.
- * @type {RTCConfiguration}
+ * The configuration of both peer connections. Haven is ICE-lite and writes its own
+ * candidates into its SDP, so no STUN server is needed; TURN servers (for networks that let
+ * nothing but a relay through) come with their credentials in `joined`. An explicit empty
+ * list keeps the browser from contacting any default server.
+ * @param {IceServerInfo[] | undefined} iceServers
+ * @returns {RTCConfiguration}
  */
-const PEER_CONFIG = { iceServers: [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
+function peerConfig(iceServers) {
+  return { iceServers: iceServers || [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
+}
 
 /** What the camera is asked for: enough for a tile, light enough for a phone's upload. */
 const VIDEO_CONSTRAINTS = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 24 } };
@@ -170,9 +176,10 @@ export class LevelMeter {
  * and a camera turned on later only needs `replaceTrack`, not a new negotiation.
  * @param {MediaStream | null} stream
  * @param {(candidate: string) => void} onCandidate an empty string marks the end
+ * @param {IceServerInfo[]} [iceServers] from `joined`
  */
-export function createPublishConnection(stream, onCandidate) {
-  const pc = new RTCPeerConnection(PEER_CONFIG);
+export function createPublishConnection(stream, onCandidate, iceServers) {
+  const pc = new RTCPeerConnection(peerConfig(iceServers));
 
   for (const kind of ['audio', 'video']) {
     const track = stream ? stream.getTracks().find((t) => t.kind === kind) : undefined;
@@ -231,10 +238,13 @@ export async function applyPublishAnswer(pc, sdp) {
  * time in arrival order, because a second offer must wait until the first is answered.
  */
 export class SubscribeConnection {
-  /** @param {SubscribeHooks} hooks */
-  constructor(hooks) {
+  /**
+   * @param {SubscribeHooks} hooks
+   * @param {IceServerInfo[]} [iceServers] from `joined`
+   */
+  constructor(hooks, iceServers) {
     this.hooks = hooks;
-    this.pc = new RTCPeerConnection(PEER_CONFIG);
+    this.pc = new RTCPeerConnection(peerConfig(iceServers));
     /** Which participant each m-line carries, from the latest offer. @type {Map<string, TrackInfo>} */
     this.byMid = new Map();
     /** @type {Promise<void>} */

@@ -36,10 +36,15 @@
  */
 
 /**
+ * A TURN server with the short-lived credentials Haven issued for it; an `RTCIceServer`.
+ * @typedef {{urls: string[], username: string, credential: string}} IceServerInfo
+ */
+
+/**
  * @typedef {{type: 'joined', protocol: number, participant_id: string, role: Role,
  *   session: SessionInfo, participants: ParticipantInfo[], display_name?: string | null,
  *   resume_token?: string, resume_grace_seconds?: number, resumed?: boolean,
- *   muted?: boolean}} JoinedMessage
+ *   muted?: boolean, ice_servers?: IceServerInfo[]}} JoinedMessage
  * @typedef {{type: 'waiting', session: SessionInfo, therapist_present: boolean}} WaitingMessage
  * @typedef {{type: 'waiting_list', waiting: ParticipantInfo[]}} WaitingListMessage
  * @typedef {{type: 'participant_joined', participant_id: string, role: Role,
@@ -49,7 +54,7 @@
  * @typedef {{type: 'participant_muted', participant_id: string, muted: boolean}} ParticipantMutedMessage
  * @typedef {{type: 'publish_answer', sdp: string}} PublishAnswerMessage
  * @typedef {{type: 'subscribe_offer', negotiation: number, sdp: string, tracks: TrackInfo[]}} SubscribeOfferMessage
- * @typedef {{type: 'left', reason: LeaveReason}} LeftMessage
+ * @typedef {{type: 'left', reason: LeaveReason, credited_minutes?: number}} LeftMessage
  * @typedef {{type: 'pong'}} PongMessage
  * @typedef {{type: 'error', code: string, message: string, opens_at?: string}} ErrorMessage
  */

@@ -53,6 +53,8 @@ impl Minter {
             "aud": DEV_AUDIENCE,
             "sub": subject,
             "role": role,
+            // Unique per token: Haven requires a token id (revocation is keyed by it).
+            "jti": format!("load-{subject}-{}", now.unix_timestamp_nanos()),
             "iat": now.unix_timestamp(),
             "nbf": now.unix_timestamp() - 60,
             "exp": (ends + time::Duration::minutes(15)).unix_timestamp(),

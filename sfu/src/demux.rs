@@ -1,25 +1,47 @@
 //! The routing table of the media socket.
 //!
-//! Every peer connection of the node shares one UDP port, so each datagram must be matched to
-//! its connection. The first packet from a browser is a STUN binding request whose USERNAME is
-//! `<our ufrag>:<their ufrag>`; our ufrag is unique per connection, so it names the
-//! connection. From then on the sender's address is enough: DTLS, SRTP and later STUN
-//! packets from that address go to the same connection.
+//! Every peer connection of the node shares one UDP port (and one TCP port for ICE-TCP), so
+//! each datagram must be matched to its connection. The first packet from a browser is a STUN
+//! binding request whose USERNAME is `<our ufrag>:<their ufrag>`; our ufrag is unique per
+//! connection, so it names the connection. From then on the sender's path is enough: DTLS,
+//! SRTP and later STUN packets from that UDP address, or on that TCP connection, go to the
+//! same peer connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use str0m::net::Protocol;
 use tokio::sync::mpsc;
+
+use crate::tcp::TcpWriter;
 
 /// A peer connection on this node, unique for the life of the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PcId(pub u64);
+
+/// How a datagram arrived, and so how an answer to its sender leaves.
+#[derive(Clone, Debug)]
+pub enum Path {
+    Udp,
+    /// One framed packet of an ICE-TCP connection; answers go back through its writer.
+    Tcp(TcpWriter),
+}
+
+impl Path {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Path::Udp => Protocol::Udp,
+            Path::Tcp(_) => Protocol::Tcp,
+        }
+    }
+}
 
 /// A datagram on its way to the room that owns its peer connection.
 #[derive(Debug)]
 pub struct Datagram {
     pub pc: PcId,
     pub source: SocketAddr,
+    pub path: Path,
     pub at: std::time::Instant,
     pub data: Vec<u8>,
 }
@@ -35,13 +57,20 @@ pub enum DemuxControl {
     Unregister {
         pc: PcId,
     },
+    /// An ICE-TCP connection closed: its address no longer routes.
+    TcpClosed {
+        source: SocketAddr,
+    },
 }
+
+/// A sender's path: UDP and TCP peers may use the same address and port.
+type PathKey = (Protocol, SocketAddr);
 
 /// Where a datagram goes.
 #[derive(Default)]
 pub struct RouteTable {
     by_ufrag: HashMap<String, Route>,
-    by_addr: HashMap<SocketAddr, Route>,
+    by_addr: HashMap<PathKey, Route>,
 }
 
 #[derive(Clone)]
@@ -66,21 +95,26 @@ impl RouteTable {
                 self.by_ufrag.retain(|_, r| r.pc != pc);
                 self.by_addr.retain(|_, r| r.pc != pc);
             }
+            DemuxControl::TcpClosed { source } => {
+                self.by_addr.remove(&(Protocol::Tcp, source));
+            }
         }
     }
 
-    /// Finds the route for a datagram. A STUN request with a known ufrag also teaches the
-    /// table its source address, which is how later non-STUN packets find their way.
-    pub fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<&Route> {
+    /// Finds the route for a datagram that came over `proto` from `source`. A STUN request
+    /// with a known ufrag also teaches the table its path, which is how later non-STUN packets
+    /// find their way.
+    pub fn route(&mut self, proto: Protocol, source: SocketAddr, data: &[u8]) -> Option<&Route> {
+        let key = (proto, source);
         if let Some(ufrag) = stun_local_ufrag(data) {
             if let Some(route) = self.by_ufrag.get(ufrag) {
-                let known = self.by_addr.get(&source).map(|r| r.ufrag.as_str());
+                let known = self.by_addr.get(&key).map(|r| r.ufrag.as_str());
                 if known != Some(ufrag) {
-                    self.by_addr.insert(source, route.clone());
+                    self.by_addr.insert(key, route.clone());
                 }
             }
         }
-        self.by_addr.get(&source)
+        self.by_addr.get(&key)
     }
 
     #[cfg(test)]
@@ -132,12 +166,17 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:50000".parse().expect("literal address");
 
         // A DTLS packet before any STUN has nowhere to go.
-        assert!(table.route(peer, &[22, 254, 253]).is_none());
+        assert!(table.route(Protocol::Udp, peer, &[22, 254, 253]).is_none());
 
         let stun = stun_request("srvA:browserX");
-        assert_eq!(table.route(peer, &stun).map(|r| r.pc), Some(PcId(7)));
         assert_eq!(
-            table.route(peer, &[22, 254, 253]).map(|r| r.pc),
+            table.route(Protocol::Udp, peer, &stun).map(|r| r.pc),
+            Some(PcId(7))
+        );
+        assert_eq!(
+            table
+                .route(Protocol::Udp, peer, &[22, 254, 253])
+                .map(|r| r.pc),
             Some(PcId(7))
         );
     }
@@ -153,11 +192,38 @@ mod tests {
         });
         let peer: SocketAddr = "127.0.0.1:50001".parse().expect("literal address");
 
-        assert!(table.route(peer, &stun_request("other:x")).is_none());
+        assert!(table
+            .route(Protocol::Udp, peer, &stun_request("other:x"))
+            .is_none());
 
-        assert!(table.route(peer, &stun_request("srvA:x")).is_some());
+        assert!(table
+            .route(Protocol::Udp, peer, &stun_request("srvA:x"))
+            .is_some());
         table.apply(DemuxControl::Unregister { pc: PcId(1) });
-        assert!(table.route(peer, &[128, 0, 0, 1]).is_none());
+        assert!(table.route(Protocol::Udp, peer, &[128, 0, 0, 1]).is_none());
         assert_eq!(table.len(), (0, 0));
+    }
+
+    #[test]
+    fn tcp_and_udp_paths_from_one_address_are_told_apart() {
+        let (tx, _rx) = mpsc::channel(1);
+        let mut table = RouteTable::default();
+        table.apply(DemuxControl::Register {
+            ufrag: "srvT".into(),
+            pc: PcId(3),
+            room: tx,
+        });
+        let peer: SocketAddr = "127.0.0.1:50002".parse().expect("literal address");
+
+        assert!(table
+            .route(Protocol::Tcp, peer, &stun_request("srvT:b"))
+            .is_some());
+        // The TCP connection learned its route; the same address over UDP did not.
+        assert!(table.route(Protocol::Tcp, peer, &[22, 254]).is_some());
+        assert!(table.route(Protocol::Udp, peer, &[22, 254]).is_none());
+
+        table.apply(DemuxControl::TcpClosed { source: peer });
+        assert!(table.route(Protocol::Tcp, peer, &[22, 254]).is_none());
+        assert_eq!(table.len(), (1, 0));
     }
 }

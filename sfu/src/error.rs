@@ -4,7 +4,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum SfuError {
-    #[error("cannot bind the media socket: {0}")]
+    #[error(
+        "cannot bind the media socket (is another haven running? choose another --media-port)"
+    )]
     Bind(#[source] std::io::Error),
     #[error("the room has closed")]
     RoomClosed,

@@ -1,10 +1,12 @@
-//! Haven's media plane: a selective forwarding unit on one UDP port.
+//! Haven's media plane: a selective forwarding unit on one UDP port (and the TCP port of the
+//! same number for ICE-TCP).
 //!
 //! Map of the crate:
 //!
-//! - [`Sfu`] binds the node's media socket and opens rooms ([`Sfu::open_room`]).
+//! - [`Sfu`] binds the node's media sockets and opens rooms ([`Sfu::open_room`]).
 //! - `socket`: the one task that reads the UDP socket and routes each datagram to the room
 //!   that owns its peer connection (`demux` holds the routing table).
+//! - `tcp`: the ICE-TCP listener; its connections' frames go through the same routing.
 //! - `room`: one task per room. It owns every peer connection of the room (str0m `Rtc`s in
 //!   RTP mode) and forwards packets between them; nothing on the packet path takes a lock.
 //! - `forward`: per subscriber and track, rewrites sequence numbers and waits for a keyframe.
@@ -21,6 +23,7 @@ mod forward;
 mod keyframe;
 mod room;
 mod socket;
+mod tcp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +31,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use haven_ids::{ParticipantId, SessionId};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::SfuError;
@@ -40,10 +43,18 @@ const ROOM_COMMAND_QUEUE: usize = 256;
 /// for media; see [`RoomEvent`].
 const ROOM_EVENT_QUEUE: usize = 1024;
 
+/// ICE-TCP frames that may wait for the socket task before their connections' reads pause.
+const TCP_FRAME_QUEUE: usize = 1024;
+
+/// With port 0, how many UDP ports to try before giving up on finding one whose TCP twin is
+/// free too.
+const PORT_PAIR_ATTEMPTS: usize = 16;
+
 /// Settings for the media plane.
 #[derive(Clone, Debug)]
 pub struct SfuConfig {
-    /// Where the media socket binds, for example `127.0.0.1:7601`.
+    /// Where the media sockets bind, for example `127.0.0.1:7601`: UDP, and TCP on the same
+    /// port number for ICE-TCP.
     pub bind: SocketAddr,
     /// The address put in ICE candidates; the bound address when `None`. Set it when the node
     /// is behind NAT and peers must reach it at another address.
@@ -66,15 +77,18 @@ struct SfuInner {
 }
 
 impl Sfu {
-    /// Binds the media socket and starts the task that reads it.
+    /// Binds the media sockets (UDP, and TCP on the same port) and starts the tasks that
+    /// read them.
     pub async fn start(config: SfuConfig) -> Result<Sfu, SfuError> {
-        let socket = UdpSocket::bind(config.bind).await.map_err(SfuError::Bind)?;
+        let (socket, listener) = bind_pair(config.bind).await?;
         let bound = socket.local_addr().map_err(SfuError::Bind)?;
         let advertised = SocketAddr::new(config.advertise_ip.unwrap_or(bound.ip()), bound.port());
 
         let socket = Arc::new(socket);
         let (demux_tx, demux_rx) = mpsc::unbounded_channel();
-        tokio::spawn(socket::run(socket.clone(), demux_rx));
+        let (tcp_tx, tcp_rx) = mpsc::channel(TCP_FRAME_QUEUE);
+        tokio::spawn(socket::run(socket.clone(), demux_rx, tcp_rx));
+        tokio::spawn(tcp::accept(listener, tcp_tx));
 
         tracing::debug!(%bound, "media socket bound");
         let inner = SfuInner {
@@ -119,6 +133,28 @@ impl Sfu {
             event_rx,
         )
     }
+}
+
+/// Binds UDP and TCP on one port number. With port 0 the kernel picks the UDP port, and the
+/// TCP port of that number may be taken: then another UDP port is tried.
+async fn bind_pair(bind: SocketAddr) -> Result<(UdpSocket, TcpListener), SfuError> {
+    let attempts = if bind.port() == 0 {
+        PORT_PAIR_ATTEMPTS
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(bind).await.map_err(SfuError::Bind)?;
+        let port = udp.local_addr().map_err(SfuError::Bind)?.port();
+        match TcpListener::bind(SocketAddr::new(bind.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(SfuError::Bind(last.unwrap_or_else(|| {
+        std::io::Error::other("no port free for both UDP and TCP")
+    })))
 }
 
 impl room::PcIds for SfuInner {

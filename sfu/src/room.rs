@@ -6,7 +6,7 @@
 //! Forwarding a packet writes it into the subscribers' connections, which then have output
 //! of their own, so `drive` repeats until a whole pass produces no event.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -15,16 +15,17 @@ use haven_ids::{ParticipantId, SessionId};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::activity::{MediaActivity, Transition};
-use crate::demux::{Datagram, DemuxControl, PcId};
+use crate::demux::{Datagram, DemuxControl, Path, PcId};
 use crate::forward::Forwarder;
 use crate::keyframe::{is_vp8_keyframe_start, KeyframeThrottle};
+use crate::tcp::TcpWriter;
 use crate::{PcSide, RoomCommand, RoomEvent, RoomStats, SfuError, TrackInfo, TrackKind};
 
 /// Rooms hold at most this many people (the design's group size).
@@ -91,6 +92,9 @@ struct Peer {
     pc: PcId,
     rtc: Rtc,
     next_timeout: Instant,
+    /// The ICE-TCP connections this peer reached us on, by its address; str0m names only the
+    /// destination of a TCP transmit, and ICE-lite only ever answers a path it heard from.
+    tcp: HashMap<SocketAddr, TcpWriter>,
 }
 
 /// A track a participant publishes, identified by its mid on their publishing connection.
@@ -215,6 +219,14 @@ impl Room {
         let candidate = Candidate::host(self.ctx.advertised, "udp")
             .map_err(|e| SfuError::BadSdp(format!("local candidate: {e}")))?;
         rtc.add_local_candidate(candidate);
+        // ICE-TCP on the same port number; passive, because browsers connect to us (RFC 6544).
+        let tcp = Candidate::builder()
+            .tcp()
+            .host(self.ctx.advertised)
+            .tcptype(TcpType::Passive)
+            .build()
+            .map_err(|e| SfuError::BadSdp(format!("local tcp candidate: {e}")))?;
+        rtc.add_local_candidate(tcp);
 
         // Register before any SDP carrying this ufrag leaves the server (see `socket`).
         let pc = self.ctx.next_pc.next_pc_id();
@@ -228,6 +240,7 @@ impl Room {
             pc,
             rtc,
             next_timeout: now,
+            tcp: HashMap::new(),
         })
     }
 
@@ -313,12 +326,28 @@ impl Room {
     fn publish_offer(&mut self, id: &ParticipantId, sdp: &str) -> Result<String, SfuError> {
         let i = self.index(id).ok_or(SfuError::UnknownParticipant)?;
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
-        let answer = self.participants[i]
-            .publish
+        let peer = &mut self.participants[i].publish;
+        let ufrag_before = peer.rtc.direct_api().local_ice_credentials().ufrag;
+        let answer = peer
             .rtc
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+
+        // An offer with new ICE credentials is an ICE restart (a browser whose network changed).
+        // str0m answers it with a new ufrag of its own, keeping its candidates; the demux must
+        // know that ufrag before the answer leaves, or the browser's checks would go nowhere.
+        // The old ufrag stays registered until the connection closes: harmless, it is unique.
+        let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != ufrag_before {
+            let pc = peer.pc;
+            let room = self.datagrams.clone();
+            let _ = self
+                .ctx
+                .demux
+                .send(DemuxControl::Register { ufrag, pc, room });
+            tracing::debug!(session_id = %self.ctx.session, participant_id = %id, "ice restart on the publish connection");
+        }
         Ok(answer.to_sdp_string())
     }
 
@@ -483,11 +512,17 @@ impl Room {
         });
         let Some((i, side)) = found else { return };
 
-        let Ok(receive) = Receive::new(Protocol::Udp, d.source, self.ctx.advertised, &d.data)
-        else {
+        let proto = d.path.protocol();
+        let Ok(receive) = Receive::new(proto, d.source, self.ctx.advertised, &d.data) else {
             return;
         };
         let peer = self.participants[i].peer(side);
+        if let Path::Tcp(writer) = d.path {
+            let known = peer.tcp.get(&d.source).is_some_and(|w| !w.is_closed());
+            if !known {
+                peer.tcp.insert(d.source, writer);
+            }
+        }
         if let Err(e) = peer.rtc.handle_input(Input::Receive(d.at, receive)) {
             tracing::debug!(error = %e, "datagram rejected by peer connection");
         }
@@ -760,6 +795,15 @@ fn poll_peer(peer: &mut Peer, socket: &UdpSocket, now: Instant, mut on_event: im
     // from a connection that would otherwise monopolise it.
     for _ in 0..10_000 {
         match peer.rtc.poll_output() {
+            Ok(Output::Transmit(t)) if t.proto == Protocol::Tcp => {
+                let gone = match peer.tcp.get(&t.destination) {
+                    Some(writer) => !writer.send(&t.contents),
+                    None => false,
+                };
+                if gone {
+                    peer.tcp.remove(&t.destination);
+                }
+            }
             Ok(Output::Transmit(t)) => {
                 // Never wait on the socket: a full send buffer loses the datagram like the
                 // network would, and congestion control reacts to the loss.

@@ -46,7 +46,7 @@ pub async fn revoke(
             SignalError::new(ErrorCode::Unauthorized, "Send a bearer token."),
         );
     };
-    if let Err(e) = state.tokens.verify_api(token, "revocations", now) {
+    if let Err(e) = state.tokens.verify_api(token, "revocations") {
         let status = if e.code == ErrorCode::Forbidden {
             StatusCode::FORBIDDEN
         } else {

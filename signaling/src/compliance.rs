@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use haven_ids::{ParticipantId, SessionId};
 use serde::Deserialize;
-use time::OffsetDateTime;
 
 use crate::error::{ErrorCode, SignalError};
 use crate::protocol::ServerMsg;
@@ -82,17 +81,14 @@ fn auditor(state: &ServerState, headers: &HeaderMap) -> Result<StaffId, Refusal>
         let e = SignalError::new(ErrorCode::Unauthorized, "Send an auditor's bearer token.");
         return Err(refuse(StatusCode::UNAUTHORIZED, e));
     };
-    let claims = state
-        .tokens
-        .verify_auditor(token, OffsetDateTime::now_utc())
-        .map_err(|e| {
-            let status = if e.code == ErrorCode::Forbidden {
-                StatusCode::FORBIDDEN
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            refuse(status, e)
-        })?;
+    let claims = state.tokens.verify_auditor(token).map_err(|e| {
+        let status = if e.code == ErrorCode::Forbidden {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        refuse(status, e)
+    })?;
     StaffId::parse(&claims.sub).map_err(|_| {
         refuse(
             StatusCode::UNAUTHORIZED,
@@ -126,6 +122,10 @@ pub async fn session(
     let rules = state.attendance_rules.clone();
     let rounding = rules.rounding;
     match state.ledger.session_report(who, session, rules).await {
+        Ok(r) if r.session_id.is_none() => error(
+            StatusCode::NOT_FOUND,
+            SignalError::new(ErrorCode::UnknownSession, "The ledger has no such session."),
+        ),
         Ok(r) => render(format, r.to_json_with(rounding), || r.to_csv_with(rounding)),
         Err(e) => ledger_error(e),
     }
@@ -156,6 +156,11 @@ pub async fn client_weeks(
             bad("from and to must be ISO weeks, for example 2026-W10"),
         );
     };
+    if !range_within(from, to, MAX_WEEKS) {
+        let why =
+            format!("from must not be after to, and a request covers at most {MAX_WEEKS} weeks");
+        return error(StatusCode::BAD_REQUEST, bad(&why));
+    }
     match state
         .ledger
         .client_weeks(who, client, from, to, state.attendance_rules.clone())
@@ -195,6 +200,25 @@ pub async fn program_week(
     }
 }
 
+/// The longest range of weeks one request may cover: two years. The report's cost grows
+/// with the range, and one request must not hold the ledger thread (or memory) for long.
+const MAX_WEEKS: u32 = 104;
+
+/// Whether `from..=to` is ordered and at most `max` weeks long.
+fn range_within(from: IsoWeek, to: IsoWeek, max: u32) -> bool {
+    let mut week = from;
+    for _ in 0..max {
+        if week == to {
+            return true;
+        }
+        if week > to {
+            return false;
+        }
+        week = week.next();
+    }
+    false
+}
+
 fn render(format: Format, json: serde_json::Value, csv: impl FnOnce() -> String) -> Response {
     match format {
         Format::Json => Json(json).into_response(),
@@ -219,4 +243,18 @@ fn ledger_error(e: LedgerError) -> Response {
 
 fn error(status: StatusCode, e: SignalError) -> Response {
     (status, Json(ServerMsg::from(&e))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn week_ranges_are_ordered_and_bounded() {
+        let w = |s: &str| IsoWeek::parse(s).expect("week");
+        assert!(range_within(w("2026-W10"), w("2026-W10"), MAX_WEEKS));
+        assert!(range_within(w("2025-W50"), w("2026-W02"), MAX_WEEKS));
+        assert!(!range_within(w("2026-W12"), w("2026-W10"), MAX_WEEKS));
+        assert!(!range_within(w("0001-W01"), w("9999-W52"), MAX_WEEKS));
+    }
 }

@@ -23,6 +23,9 @@ use crate::protocol::{ClientMsg, PcName, ServerMsg};
 use crate::session::{SessionCmd, SessionHandle, TherapistAction};
 use crate::ServerState;
 
+/// Media sections accepted in a publish offer: audio and video, with room for a screen share.
+const MAX_PUBLISH_SECTIONS: usize = 4;
+
 /// Close codes (RFC 6455 section 7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
@@ -114,17 +117,21 @@ impl Conn {
         let ending = self.relay(&who, &session, &mut outbox_rx).await;
         let silent_for = self.last_seen.elapsed();
         let last_seen = OffsetDateTime::now_utc() - silent_for;
-        let cmd = match ending {
-            Ending::Left => SessionCmd::Leave { who, conn },
+        match ending {
+            // The stay already ended through the session, before `left` was sent.
+            Ending::Left => {}
             // Closed by the server (removed, replaced, ended): the session knows already, and
             // ignores this because the stay is gone or belongs to another connection now.
-            Ending::Lost | Ending::ClosedByServer => SessionCmd::Disconnected {
-                who,
-                conn,
-                last_seen,
-            },
-        };
-        session.send(cmd).await;
+            Ending::Lost | Ending::ClosedByServer => {
+                session
+                    .send(SessionCmd::Disconnected {
+                        who,
+                        conn,
+                        last_seen,
+                    })
+                    .await;
+            }
+        }
     }
 
     /// Waits for `join`, verifies the token and hands the connection to its session.
@@ -146,6 +153,11 @@ impl Conn {
                     ))
                 }
             };
+        if first.len() > self.state.limits.max_message_bytes {
+            tracing::warn!(len = first.len(), "join message too large, closing");
+            self.close(CLOSE_TOO_BIG, "message too large").await;
+            return Ok(None);
+        }
         let (token, resume) = match ClientMsg::parse(&first) {
             Ok(ClientMsg::Join { token, resume }) => (token, resume),
             Ok(_) => {
@@ -278,7 +290,12 @@ impl Conn {
                     }
                     match ClientMsg::parse(&text) {
                         Ok(ClientMsg::Leave) => {
-                            let _ = self.send(&ServerMsg::Left { reason: LeaveReason::Left.as_str() }).await;
+                            // The session ends the stay first, so the minutes shown are final.
+                            let (reply, rx) = oneshot::channel();
+                            let cmd = SessionCmd::Leave { who: who.clone(), conn: self.conn, reply };
+                            let credited_minutes = if session.send(cmd).await { rx.await.ok().flatten() } else { None };
+                            let left = ServerMsg::Left { reason: LeaveReason::Left.as_str(), credited_minutes };
+                            let _ = self.send(&left).await;
                             self.close(CLOSE_NORMAL, "left").await;
                             return Ending::Left;
                         }
@@ -317,6 +334,15 @@ impl Conn {
             ClientMsg::Ping => self.send(&ServerMsg::Pong).await.map_err(|_| closed()),
             ClientMsg::Leave => Ok(()),
             ClientMsg::PublishOffer { sdp } => {
+                // A participant publishes one audio and one video track; an offer with many
+                // more media sections would multiply the work of every subscriber.
+                let sections = sdp.lines().filter(|l| l.starts_with("m=")).count();
+                if sections > MAX_PUBLISH_SECTIONS {
+                    return Err(SignalError::new(
+                        ErrorCode::NegotiationFailed,
+                        format!("Publish at most {MAX_PUBLISH_SECTIONS} media sections (camera and microphone)."),
+                    ));
+                }
                 tracing::trace!(%sdp, "publish offer");
                 let (reply, rx) = oneshot::channel();
                 if !session

@@ -27,6 +27,7 @@ pub enum ErrorCode {
     NotAdmitted,
     Forbidden,
     UnknownParticipant,
+    UnknownSession,
     BadMessage,
     UnknownType,
     NegotiationFailed,
@@ -56,6 +57,7 @@ impl ErrorCode {
             ErrorCode::NotAdmitted => "not_admitted",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::UnknownParticipant => "unknown_participant",
+            ErrorCode::UnknownSession => "unknown_session",
             ErrorCode::BadMessage => "bad_message",
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::NegotiationFailed => "negotiation_failed",
@@ -117,10 +119,15 @@ impl From<sfu::SfuError> for SignalError {
     fn from(e: sfu::SfuError) -> Self {
         use sfu::SfuError as E;
         match e {
-            E::BadSdp(why) => SignalError::new(
-                ErrorCode::NegotiationFailed,
-                format!("The media description could not be used ({why})."),
-            ),
+            E::BadSdp(why) => {
+                // The parser's words can carry internal detail (addresses of the server's
+                // memory); they go to the debug log, the person gets a plain sentence.
+                tracing::debug!(%why, "session description refused");
+                SignalError::new(
+                    ErrorCode::NegotiationFailed,
+                    "The media description could not be used. Reload the page to try again.",
+                )
+            }
             E::StaleAnswer { .. } => SignalError::new(
                 ErrorCode::StaleAnswer,
                 "That answer is for an offer that is no longer pending; answer the latest offer.",

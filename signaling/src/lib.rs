@@ -10,6 +10,7 @@
 //! - `limits`: every limit on what comes in (sizes, rates, connection counts, timeouts).
 //! - `permission`: the table of who may do what.
 //! - `revocation`: tokens that may no longer join (removed people, revocations).
+//! - `turn`: short-lived TURN credentials handed out in `joined`.
 //! - `api`: the HTTP API for the scheduling system (revocations).
 //! - `compliance`: the HTTP API for auditors (attendance reports, every read logged).
 //! - `protocol`: the message types of `docs/protocol.md`.
@@ -27,6 +28,7 @@ pub mod revocation;
 mod router;
 mod session;
 pub mod token;
+pub mod turn;
 mod web;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +47,7 @@ pub use limits::Limits;
 pub use router::RouterHandle;
 pub use session::{Capacity, SessionDeps, SessionPolicy};
 pub use token::{JoinClaims, JoinGrant, SessionClaim, TokenRules, TokenVerifier, TrustedKey};
+pub use turn::{TurnPolicy, TurnServer};
 
 /// Shared, read-mostly state of the server. Mutable state lives in the session actors.
 pub struct ServerState {

@@ -124,8 +124,17 @@ pub struct TrackView {
     pub active: bool,
 }
 
-/// A message to the browser.
+/// A TURN server and the short-lived credentials issued for it, shaped like the browser's
+/// `RTCIceServer` so the client can hand it to `RTCPeerConnection` as it is.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct IceServerView {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
+}
+
+/// A message to the browser.
+#[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     Joined {
@@ -139,6 +148,8 @@ pub enum ServerMsg {
         resume_grace_seconds: u64,
         resumed: bool,
         muted: bool,
+        /// TURN servers for both peer connections; empty when the node has none.
+        ice_servers: Vec<IceServerView>,
     },
     Waiting {
         session: SessionView,
@@ -170,6 +181,10 @@ pub enum ServerMsg {
     },
     Left {
         reason: &'static str,
+        /// For a client: the minutes credited for this session so far, as the ledger counts
+        /// them; absent for other roles.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        credited_minutes: Option<f64>,
     },
     /// The server is draining for maintenance; sessions should wrap up by `deadline`.
     GoingAway {

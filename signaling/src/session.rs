@@ -26,6 +26,7 @@ use crate::permission::{self, Action};
 use crate::protocol::{PeerView, ServerMsg, SessionView, TrackView, PROTOCOL_VERSION};
 use crate::revocation::{RevocationList, Revoked};
 use crate::token::{Admission, AgeGroup, JoinGrant};
+use crate::turn::TurnPolicy;
 
 /// A session with nobody in it stays open this long, so a quick reconnect finds it.
 const IDLE_CLOSE: Duration = Duration::from_secs(60);
@@ -64,15 +65,21 @@ impl Capacity {
 #[derive(Clone, Debug)]
 pub struct SessionPolicy {
     pub capacity: Capacity,
+    /// How credited minutes are counted for the session-ended page.
+    pub counting: attendance::CountingRules,
     /// How long a stay survives a lost connection, waiting for a resume.
     pub resume_grace: Duration,
+    /// TURN servers whose credentials `joined` carries.
+    pub turn: TurnPolicy,
 }
 
 impl Default for SessionPolicy {
     fn default() -> Self {
         SessionPolicy {
             capacity: Capacity::default(),
+            counting: attendance::CountingRules::default(),
             resume_grace: Duration::from_secs(60),
+            turn: TurnPolicy::default(),
         }
     }
 }
@@ -136,7 +143,11 @@ pub enum SessionCmd {
         candidate: String,
     },
     /// The participant said `leave`.
-    Leave { who: ParticipantId, conn: ConnId },
+    Leave {
+        who: ParticipantId,
+        conn: ConnId,
+        reply: oneshot::Sender<Option<f64>>,
+    },
     /// The participant's socket closed without `leave`; `last_seen` is their last sign of
     /// life on it.
     Disconnected {
@@ -327,7 +338,9 @@ impl Session {
             return;
         };
         if outbox.try_send(msg).is_err() {
-            tracing::warn!(session_id = %self.id, participant_id = %who, "outbox full, message dropped");
+            // Debug, not warn: a client that stopped reading would repeat this for every
+            // message; its connection logs one warning when it is closed for it.
+            tracing::debug!(session_id = %self.id, participant_id = %who, "outbox full, message dropped");
         }
     }
 
@@ -449,11 +462,15 @@ impl Session {
                     self.room.remote_candidate(from, side, candidate).await;
                 }
             }
-            SessionCmd::Leave { who, conn } => {
-                if self.member_of(&who, conn).is_ok() {
+            SessionCmd::Leave { who, conn, reply } => {
+                let mut credited = None;
+                if let Ok(m) = self.member_of(&who, conn) {
+                    let role = m.role;
                     self.finish(&who, LeaveReason::Left, OffsetDateTime::now_utc(), false)
                         .await;
+                    credited = self.credited_minutes(&who, role).await;
                 }
+                let _ = reply.send(credited);
             }
             SessionCmd::Disconnected {
                 who,
@@ -515,7 +532,7 @@ impl Session {
                 .as_deref()
                 .is_some_and(|r| constant_time_eq(r.as_bytes(), m.resume_token.as_bytes()));
             if connected || resumes {
-                return self.take_over(&who, conn, outbox).await;
+                return self.take_over(&grant, conn, outbox).await;
             }
             // The old connection is gone and this join does not prove it continues that
             // stay: the old stay ends where its connection was lost.
@@ -577,15 +594,22 @@ impl Session {
     /// A new connection continues an existing stay (second tab, or resume after a drop).
     async fn take_over(
         &mut self,
-        who: &ParticipantId,
+        grant: &JoinGrant,
         conn: ConnId,
         outbox: Outbox,
     ) -> Result<(), SignalError> {
+        let who = &grant.participant;
         let Some(m) = self.members.get_mut(who) else {
             return Err(SignalError::internal(&"take over of unknown member"));
         };
+        // The stay now rests on the newer token: a removal must revoke the one in use.
+        m.token_id = grant.token_id.clone();
+        m.token_expires_at = grant.expires_at;
         if let Some(old) = m.outbox.replace(outbox) {
-            let _ = old.try_send(ServerMsg::Left { reason: "replaced" });
+            let _ = old.try_send(ServerMsg::Left {
+                reason: "replaced",
+                credited_minutes: None,
+            });
         }
         m.conn = conn;
         m.disconnected_at = None;
@@ -682,6 +706,10 @@ impl Session {
             }
             TherapistAction::Remove(target) => {
                 let target = self.target(&target, None)?;
+                if &target == by {
+                    let e = "A therapist leaves with Leave, or ends the session for everyone.";
+                    return Err(SignalError::new(ErrorCode::Forbidden, e));
+                }
                 if let Some(m) = self.members.get(&target) {
                     // Remembered for the token's whole life, so neither the same link nor a
                     // resume brings them back.
@@ -742,7 +770,7 @@ impl Session {
             let present = self
                 .members
                 .get(client)
-                .is_some_and(|c| c.stage == Stage::Admitted);
+                .is_some_and(|c| c.stage == Stage::Admitted && c.role == Role::Client);
             if !present {
                 let _ = by_therapist;
                 return Err(SignalError::new(
@@ -820,6 +848,8 @@ impl Session {
             resume_grace_seconds: self.policy.resume_grace.as_secs(),
             resumed,
             muted: m.muted,
+            // Fresh at every `joined`, so a resume late in a session gets a full lifetime.
+            ice_servers: self.policy.turn.ice_servers(who, OffsetDateTime::now_utc()),
         };
         self.send_to(who, joined);
     }
@@ -833,21 +863,20 @@ impl Session {
         at: OffsetDateTime,
         tell: bool,
     ) {
-        let Some(m) = self.members.get(who) else {
-            return;
-        };
-        if tell {
-            if let Some(outbox) = &m.outbox {
-                let _ = outbox.try_send(ServerMsg::Left {
-                    reason: reason.as_str(),
-                });
-            }
-        }
         let Some(m) = self.members.remove(who) else {
             return;
         };
+        let tell_them = |credited_minutes| {
+            if let (true, Some(outbox)) = (tell, &m.outbox) {
+                let _ = outbox.try_send(ServerMsg::Left {
+                    reason: reason.as_str(),
+                    credited_minutes,
+                });
+            }
+        };
 
         if m.stage != Stage::Admitted {
+            tell_them(None);
             tracing::info!(session_id = %self.id, participant_id = %who, reason = reason.as_str(), "participant left the waiting room");
             self.notify_waiting_list();
             return;
@@ -860,6 +889,10 @@ impl Session {
         {
             tracing::error!(session_id = %self.id, participant_id = %who, code = e.code.as_str(), "leave not recorded");
         }
+        // Told after the ledger has the departure, so the minutes they see are final.
+        if tell {
+            tell_them(self.credited_minutes(who, m.role).await);
+        }
         tracing::info!(session_id = %self.id, participant_id = %who, reason = reason.as_str(), "participant left");
         self.broadcast_admitted(
             who,
@@ -868,6 +901,12 @@ impl Session {
                 reason: reason.as_str(),
             },
         );
+
+        // A freed place goes to the next person waiting when the session admits by itself.
+        if self.admission == Admission::Auto && self.therapist_present() {
+            Box::pin(self.admit_waiting()).await;
+            self.notify_waiting_list();
+        }
 
         match m.role {
             Role::Therapist => self.notify_waiting(),
@@ -960,10 +999,18 @@ impl Session {
 
         let everyone: Vec<ParticipantId> = self.members.keys().cloned().collect();
         for id in everyone {
+            let role = self
+                .members
+                .get(&id)
+                .map(|m| m.role)
+                .unwrap_or(Role::Client);
+            let credited_minutes = self.credited_minutes(&id, role).await;
+            let reason = LeaveReason::SessionEnded.as_str();
             self.send_to(
                 &id,
                 ServerMsg::Left {
-                    reason: LeaveReason::SessionEnded.as_str(),
+                    reason,
+                    credited_minutes,
                 },
             );
             if let Some(m) = self.members.remove(&id) {
@@ -973,6 +1020,22 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A client's credited minutes in this session so far, from the ledger and the counting
+    /// rules, for the session-ended page. `None` for other roles, or if the ledger cannot be
+    /// read (the page then says where the record is kept).
+    async fn credited_minutes(&self, who: &ParticipantId, role: Role) -> Option<f64> {
+        if role != Role::Client {
+            return None;
+        }
+        let entries = self.ledger.session_events(self.id.clone()).await.ok()?;
+        let report = attendance::session_report(&entries, &self.policy.counting);
+        let row = report
+            .participants
+            .iter()
+            .find(|p| &p.participant_id == who)?;
+        Some((row.credited_seconds / 60.0 * 100.0).round() / 100.0)
     }
 
     fn notify_waiting(&self) {

@@ -6,6 +6,7 @@
 //! claims, Haven enforces the session's own window: the waiting room opens a configured time
 //! before the start, and nobody new joins after the end plus the allowed overrun.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use haven_ids::{ParticipantId, Role, SessionId, SessionKind};
@@ -155,13 +156,24 @@ pub struct JoinGrant {
 const MAX_DISPLAY_NAME: usize = 64;
 
 pub struct TokenVerifier {
-    keys: Vec<TrustedKey>,
+    /// Replaced whole when key files are read again (rotation); a check takes a snapshot, so
+    /// the lock is held only to clone an `Arc`.
+    keys: RwLock<Arc<Vec<TrustedKey>>>,
     rules: TokenRules,
 }
 
 impl TokenVerifier {
     pub fn new(keys: Vec<TrustedKey>, rules: TokenRules) -> Self {
-        TokenVerifier { keys, rules }
+        TokenVerifier {
+            keys: RwLock::new(Arc::new(keys)),
+            rules,
+        }
+    }
+
+    /// Trusts `keys` from now on, instead of the ones before (key rotation).
+    pub fn replace_keys(&self, keys: Vec<TrustedKey>) {
+        let mut current = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        *current = Arc::new(keys);
     }
 
     pub fn rules(&self) -> &TokenRules {
@@ -186,60 +198,39 @@ impl TokenVerifier {
 
     /// Checks a bearer token for the HTTP API: a trusted issuer's signature, audience,
     /// expiry, and a `scope` (space-separated) that includes `scope`.
-    pub fn verify_api(
-        &self,
-        token: &str,
-        scope: &str,
-        now: OffsetDateTime,
-    ) -> Result<ApiClaims, SignalError> {
-        let _ = now;
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(invalid("The token is too long."));
-        }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| invalid("The token is damaged or incomplete."))?;
-        let claims: ApiClaims =
-            self.decode_as(token, header.kid.as_deref(), &["exp", "aud", "iss", "sub"])?;
-        if !claims
-            .scope
-            .as_deref()
-            .unwrap_or("")
-            .split_whitespace()
-            .any(|s| s == scope)
-        {
-            return Err(SignalError::new(
-                ErrorCode::Forbidden,
-                format!("The token's scope does not include {scope}."),
-            ));
+    pub fn verify_api(&self, token: &str, scope: &str) -> Result<ApiClaims, SignalError> {
+        let claims = self.decode_bearer(token)?;
+        let scopes = claims.scope.as_deref().unwrap_or("");
+        if !scopes.split_whitespace().any(|s| s == scope) {
+            let message = format!("The token's scope does not include {scope}.");
+            return Err(SignalError::new(ErrorCode::Forbidden, message));
         }
         Ok(claims)
     }
 
     /// Checks an auditor's bearer token: a trusted issuer's signature, audience, expiry and
-    /// `role: auditor` (any other role gets `forbidden`).
-    pub fn verify_auditor(
-        &self,
-        token: &str,
-        now: OffsetDateTime,
-    ) -> Result<ApiClaims, SignalError> {
-        let _ = now;
-        if token.len() > MAX_TOKEN_BYTES {
-            return Err(invalid("The token is too long."));
-        }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| invalid("The token is damaged or incomplete."))?;
-        let claims: ApiClaims =
-            self.decode_as(token, header.kid.as_deref(), &["exp", "aud", "iss", "sub"])?;
+    /// a role the permission table lets read attendance (any other gets `forbidden`).
+    pub fn verify_auditor(&self, token: &str) -> Result<ApiClaims, SignalError> {
+        let claims = self.decode_bearer(token)?;
         let role = claims.role.as_deref().and_then(Role::parse);
-        if !role.is_some_and(|r| {
-            crate::permission::allowed(r, crate::permission::Action::ReadAttendance)
-        }) {
+        let may_read = |r| crate::permission::allowed(r, crate::permission::Action::ReadAttendance);
+        if !role.is_some_and(may_read) {
             return Err(SignalError::new(
                 ErrorCode::Forbidden,
                 "Only auditors may read attendance.",
             ));
         }
         Ok(claims)
+    }
+
+    /// The claims of a bearer token whose signature, audience, issuer and expiry hold.
+    fn decode_bearer(&self, token: &str) -> Result<ApiClaims, SignalError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("The token is too long."));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("The token is damaged or incomplete."))?;
+        self.decode_as(token, header.kid.as_deref(), &["exp", "aud", "iss", "sub"])
     }
 
     fn decode(&self, token: &str, kid: Option<&str>) -> Result<JoinClaims, SignalError> {
@@ -252,8 +243,8 @@ impl TokenVerifier {
         kid: Option<&str>,
         required: &[&str],
     ) -> Result<C, SignalError> {
-        let candidates = self
-            .keys
+        let keys = Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()));
+        let candidates = keys
             .iter()
             .filter(|k| k.kid.is_none() || k.kid.as_deref() == kid);
         let mut last =

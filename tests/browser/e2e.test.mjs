@@ -147,7 +147,7 @@ test('therapist admits a waiting client and both receive audio and video', { tim
     assert.ok(!exit.error, `haven could not be stopped: ${exit.error}`);
 
     const reportText = await havenCommand(bin, [
-      'attendance', 'report', '--data-dir', dataDir, '--session', SESSION, '--format', 'json',
+      'attendance', 'report', '--auditor', 'a-test-01', '--data-dir', dataDir, '--session', SESSION, '--format', 'json',
     ]);
     await fs.writeFile(path.join(OUTPUT_DIR, 'browser-e2e-attendance.json'), reportText);
     const rows = attendanceRows(JSON.parse(reportText));

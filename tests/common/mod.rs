@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod peer;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -190,6 +192,8 @@ impl Server {
             .args([
                 "attendance",
                 "report",
+                "--auditor",
+                "a-test-01",
                 "--format",
                 "json",
                 "--session",
@@ -300,6 +304,14 @@ impl Signal {
         Signal { ws }
     }
 
+    /// Sends, returning false when the server has already closed the socket.
+    pub async fn try_send(&mut self, v: Value) -> bool {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .is_ok()
+    }
+
     /// Sends a raw text frame (for malformed input).
     pub async fn send_text(&mut self, text: &str) {
         self.ws
@@ -391,4 +403,48 @@ impl Signal {
     pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
         self.ws
     }
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection: enough for the small JSON and CSV
+/// answers of Haven's APIs. Returns the status, the content type and the body.
+pub async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut s = TcpStream::connect(&server.http).await.expect("connect");
+    let auth = bearer
+        .map(|b| format!("Authorization: Bearer {b}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.http,
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, ctype, body.to_owned())
 }

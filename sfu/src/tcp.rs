@@ -1,0 +1,212 @@
+//! ICE-TCP: the TCP port beside the UDP port, for networks that block UDP.
+//!
+//! Haven offers one passive TCP candidate per peer connection (RFC 6544) on the same port
+//! number as the UDP socket. The browser connects; every STUN, DTLS, RTP and RTCP packet on
+//! the connection is framed with a two-byte big-endian length (RFC 4571). Each frame goes
+//! through the same routing table as a UDP datagram (by ufrag, then by connection), so a
+//! room sees a TCP frame as a datagram whose answers go back through the connection's
+//! [`TcpWriter`].
+//!
+//! A connection costs two small tasks. It is closed when it is idle for [`TCP_IDLE`] (a live
+//! peer sends a consent check every few seconds), when its peer closes it, or when its writer
+//! falls [`TCP_WRITE_QUEUE`] frames behind for good (the peer stopped reading).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Connections open at once on the node; further ones are refused until one closes. A room of
+/// 16 needs 32 (two per participant).
+pub const MAX_TCP_CONNECTIONS: usize = 2048;
+
+/// A connection with no frame for this long is closed. Peers send ICE consent checks every
+/// few seconds (RFC 7675), so only a dead or idle connection gets here.
+pub const TCP_IDLE: Duration = Duration::from_secs(30);
+
+/// Frames that may wait for a slow connection before new ones are dropped, as a full UDP
+/// send buffer would drop them. Whole frames are dropped, so the framing stays intact.
+pub const TCP_WRITE_QUEUE: usize = 512;
+
+/// RFC 4571 frames hold at most 65535 bytes; the two-byte length cannot say more.
+const MAX_FRAME: usize = u16::MAX as usize;
+
+/// Writes frames to one ICE-TCP connection. Cloning it is cheap; sending never waits.
+#[derive(Clone, Debug)]
+pub struct TcpWriter {
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl TcpWriter {
+    /// Queues one packet; returns false when the connection is gone (the caller forgets it).
+    /// A full queue drops the packet and keeps the connection.
+    pub fn send(&self, packet: &[u8]) -> bool {
+        if packet.len() > MAX_FRAME {
+            return true;
+        }
+        match self.tx.try_send(packet.to_vec()) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// What a connection's reader tells the socket task.
+#[derive(Debug)]
+pub enum TcpEvent {
+    Frame {
+        source: SocketAddr,
+        writer: TcpWriter,
+        data: Vec<u8>,
+    },
+    Closed {
+        source: SocketAddr,
+    },
+}
+
+/// Splits an RFC 4571 byte stream into packets.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// Appends bytes read from the connection.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one has arrived.
+    pub fn next_frame(&mut self) -> Option<Vec<u8>> {
+        let len = usize::from(u16::from_be_bytes([*self.buf.first()?, *self.buf.get(1)?]));
+        if self.buf.len() < 2 + len {
+            return None;
+        }
+        let frame = self.buf[2..2 + len].to_vec();
+        self.buf.drain(..2 + len);
+        Some(frame)
+    }
+}
+
+/// Prefixes a packet with its RFC 4571 length.
+pub fn frame(packet: &[u8]) -> Vec<u8> {
+    // `TcpWriter::send` refuses longer packets, so the length fits in two bytes.
+    let len = u16::try_from(packet.len()).unwrap_or(u16::MAX);
+    let mut out = Vec::with_capacity(2 + packet.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(packet);
+    out
+}
+
+/// Accepts ICE-TCP connections until the event receiver (the socket task) is gone.
+pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
+    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (stream, source) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::debug!(error = %e, "ice-tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if events.is_closed() {
+            break;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_TCP_CONNECTIONS,
+                "ice-tcp connection refused, at limit"
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let events = events.clone();
+        tokio::spawn(async move {
+            serve(stream, source, events).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Reads frames from one connection and hands them to the socket task; a second task writes.
+async fn serve(stream: TcpStream, source: SocketAddr, events: mpsc::Sender<TcpEvent>) {
+    let (mut read, mut write) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
+    let writer = TcpWriter { tx };
+
+    let write_task = tokio::spawn(async move {
+        while let Some(packet) = rx.recv().await {
+            if write.write_all(&frame(&packet)).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut decoder = FrameDecoder::default();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match tokio::time::timeout(TCP_IDLE, read.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => n,
+        };
+        decoder.extend(&buf[..n]);
+        while let Some(data) = decoder.next_frame() {
+            let event = TcpEvent::Frame {
+                source,
+                writer: writer.clone(),
+                data,
+            };
+            // Waiting here only slows this connection's reads, which TCP turns into
+            // back-pressure on its sender; other connections and UDP go on.
+            if events.send(event).await.is_err() {
+                write_task.abort();
+                return;
+            }
+        }
+    }
+
+    write_task.abort();
+    let _ = events.send(TcpEvent::Closed { source }).await;
+    tracing::trace!("ice-tcp connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_across_reads_and_joined_in_one_read_come_out_whole() {
+        let a = frame(&[1, 2, 3]);
+        let b = frame(&[]);
+        let c = frame(&[9; 300]);
+        let stream: Vec<u8> = [a, b, c].concat();
+
+        let mut d = FrameDecoder::default();
+        // One byte at a time: nothing comes out before a frame is whole.
+        let mut out = Vec::new();
+        for byte in &stream[..5] {
+            d.extend(&[*byte]);
+            out.extend(std::iter::from_fn(|| d.next_frame()));
+        }
+        assert_eq!(out, vec![vec![1, 2, 3]]);
+
+        d.extend(&stream[5..]);
+        out.extend(std::iter::from_fn(|| d.next_frame()));
+        assert_eq!(out, vec![vec![1, 2, 3], vec![], vec![9; 300]]);
+        assert!(d.next_frame().is_none());
+    }
+
+    #[test]
+    fn the_length_prefix_is_big_endian() {
+        assert_eq!(&frame(&[0; 258])[..2], &[1, 2]);
+    }
+}

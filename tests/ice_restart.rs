@@ -1,0 +1,157 @@
+//! A client whose address changes restarts ICE on its publish connection: it offers new ICE
+//! credentials from a new UDP port, Haven answers with new credentials of its own, and media
+//! from the client resumes within seconds while it keeps its place and its one attendance
+//! stay.
+//!
+//! The clients are webrtc-rs; the restarting one binds new sockets on restart, so its checks
+//! and media come from an address Haven has never seen, and only the new ICE username can
+//! route them.
+//!
+//! The test must run in a private network namespace (see [`ENV_IN_NETNS`]).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use common::peer::{participant, Person, Route, Tally};
+use common::Server;
+
+/// Set to `1` by the script that runs this test inside `unshare -n`.
+const ENV_IN_NETNS: &str = "HAVEN_IN_NETNS";
+
+const SESSION: &str = "sess-ice-restart";
+/// The client restarts after two seconds of audio from the therapist...
+const RESTART_AFTER: u64 = 100;
+/// ...and both keep going until five more seconds have arrived.
+const ENOUGH_PACKETS: u64 = RESTART_AFTER + 250;
+/// The longest the therapist may hear nothing from the client across the restart.
+const MAX_GAP: Duration = Duration::from_secs(5);
+
+fn in_netns() {
+    assert_eq!(
+        std::env::var(ENV_IN_NETNS).as_deref(),
+        Ok("1"),
+        "this test sends WebRTC traffic and must run in a private network namespace: \
+         unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; \
+         {ENV_IN_NETNS}=1 cargo test --test ice_restart'"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_ice_restart_from_a_new_address_keeps_media_and_the_stay() {
+    in_netns();
+    let server = Server::start();
+    let therapist = Person {
+        id: "t-restart-1",
+        role: "therapist",
+        index: 1,
+        path: Route::Udp,
+        enough: ENOUGH_PACKETS,
+        restart_after: None,
+    };
+    let client = Person {
+        id: "p-restart-1",
+        role: "client",
+        index: 2,
+        path: Route::Udp,
+        enough: ENOUGH_PACKETS,
+        restart_after: Some(RESTART_AFTER),
+    };
+    let started = Instant::now();
+    let got = [Arc::new(Tally::default()), Arc::new(Tally::default())];
+    let token_t = server.token(SESSION, therapist.role, therapist.id, &["--kind", "group"]);
+    let token_c = server.token(SESSION, client.role, client.id, &["--kind", "group"]);
+    let t = tokio::spawn(participant(
+        therapist,
+        2,
+        server.ws_url(),
+        token_t,
+        got[0].clone(),
+    ));
+    // The therapist first, so the client finds them there and waits to be admitted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = tokio::spawn(participant(
+        client,
+        1,
+        server.ws_url(),
+        token_c,
+        got[1].clone(),
+    ));
+    let (t, c) = tokio::join!(t, c);
+    let (Ok(t), Ok(c)) = (t, c) else {
+        panic!(
+            "a participant failed\n--- server log ---\n{}",
+            server.log_text()
+        );
+    };
+    let gap = Duration::from_millis(got[0].max_gap_ms.load(Ordering::Relaxed));
+    println!(
+        "figure: ice_restart_longest_gap_client_to_therapist_ms={} packets_to_therapist={} \
+         to_client={} (in {:.1} s)",
+        gap.as_millis(),
+        got[0].got(),
+        got[1].got(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // The restart happened: a second answer, with Haven's new ICE credentials.
+    assert_eq!(c.publish_ufrags.len(), 2, "{:?}", c.publish_ufrags);
+    assert_ne!(c.publish_ufrags[0], c.publish_ufrags[1]);
+    // Media flowed on after it, both ways, with only a short gap.
+    assert!(got[0].got() >= ENOUGH_PACKETS && got[1].got() >= ENOUGH_PACKETS);
+    assert!(
+        gap < MAX_GAP,
+        "media stopped for {gap:?} across the restart"
+    );
+    let bad = got
+        .iter()
+        .map(|g| g.bad.load(Ordering::Relaxed))
+        .sum::<u64>();
+    assert_eq!(bad, 0, "packets from the wrong publisher");
+    assert_eq!(c.state, RTCPeerConnectionState::Connected);
+    assert_eq!(t.state, RTCPeerConnectionState::Connected);
+
+    // One stay in the ledger: admitted once, media connected once, never lost or left.
+    let kinds = ledger_kinds(&server, "p-restart-1");
+    assert_eq!(kinds, ["admitted", "media_connected"], "{kinds:?}");
+}
+
+/// The kinds of the ledger entries about one participant, in order.
+fn ledger_kinds(server: &Server, who: &str) -> Vec<String> {
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "attendance",
+            "export",
+            "--auditor",
+            "a-test-01",
+            "--format",
+            "json",
+        ])
+        .args([
+            "--from",
+            "2000-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+        ])
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .output()
+        .expect("run haven attendance export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("export is JSON");
+    entries
+        .as_array()
+        .expect("a list of entries")
+        .iter()
+        .filter(|e| e["event"]["participant_id"] == who)
+        .filter_map(|e| e["event"]["kind"]["type"].as_str().map(str::to_owned))
+        .collect()
+}
