@@ -333,7 +333,7 @@ impl Conn {
             )),
             ClientMsg::Ping => self.send(&ServerMsg::Pong).await.map_err(|_| closed()),
             ClientMsg::Leave => Ok(()),
-            ClientMsg::PublishOffer { sdp } => {
+            ClientMsg::PublishOffer { sdp, negotiation } => {
                 // A participant publishes one audio and one video track; an offer with many
                 // more media sections would multiply the work of every subscriber.
                 let sections = sdp.lines().filter(|l| l.starts_with("m=")).count();
@@ -357,7 +357,7 @@ impl Conn {
                     return Err(closed());
                 }
                 let sdp = rx.await.map_err(|_| closed())??;
-                self.send(&ServerMsg::PublishAnswer { sdp })
+                self.send(&ServerMsg::PublishAnswer { sdp, negotiation })
                     .await
                     .map_err(|_| closed())
             }

@@ -28,6 +28,9 @@ pub enum ClientMsg {
     },
     PublishOffer {
         sdp: String,
+        /// The browser's number for this offer; the answer carries it back.
+        #[serde(default)]
+        negotiation: Option<u64>,
     },
     SubscribeAnswer {
         negotiation: u64,
@@ -173,6 +176,9 @@ pub enum ServerMsg {
     },
     PublishAnswer {
         sdp: String,
+        /// The `negotiation` of the offer this answers, when the offer had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        negotiation: Option<u64>,
     },
     SubscribeOffer {
         negotiation: u64,

@@ -62,8 +62,8 @@ impl PeerConnectionEventHandler for Events {
     }
 }
 
-struct Pc {
-    pc: Arc<dyn PeerConnection>,
+pub struct Pc {
+    pub pc: Arc<dyn PeerConnection>,
     gathered: watch::Receiver<bool>,
     state: watch::Receiver<RTCPeerConnectionState>,
     tracks: mpsc::UnboundedReceiver<Arc<dyn TrackRemote>>,
@@ -90,7 +90,7 @@ pub fn ice_servers(joined: &Value) -> Vec<RTCIceServer> {
         .collect()
 }
 
-async fn peer_connection(path: Route, servers: Vec<RTCIceServer>) -> Pc {
+pub async fn peer_connection(path: Route, servers: Vec<RTCIceServer>) -> Pc {
     let mut media = MediaEngine::default();
     media
         .register_default_codecs()
@@ -160,7 +160,7 @@ impl Pc {
     }
 }
 
-fn audio_track(who: &str, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
+pub fn audio_track(who: &str, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
     let codec = RTCRtpCodec {
         mime_type: MIME_TYPE_OPUS.to_owned(),
         clock_rate: 48_000,
