@@ -50,10 +50,7 @@ async fn publisher(who: &str, ssrc: u32) -> Pc {
 
 #[tokio::test]
 async fn renegotiation_from_both_sides_settles_with_every_track_present() {
-    assert!(
-        std::env::var_os("HAVEN_IN_NETNS").is_some(),
-        "run inside a private network namespace (see test.sh): WebRTC gathers on every interface"
-    );
+    common::require_netns("glare");
     let server = Server::start();
     let mut t = Signal::connect(&server).await;
     t.join(&server.token("sess-glare", "therapist", "t-gl-01", &[]))

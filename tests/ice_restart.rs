@@ -7,21 +7,17 @@
 //! and media come from an address Haven has never seen, and only the new ICE username can
 //! route them.
 //!
-//! The test must run in a private network namespace (see [`ENV_IN_NETNS`]).
+//! The test must run in a private network namespace (see `common::require_netns`).
 
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use webrtc::peer_connection::RTCPeerConnectionState;
 
-use common::peer::{participant, Person, Route, Tally};
+use common::peer::{therapist_and_client, Person, Route};
 use common::Server;
-
-/// Set to `1` by the script that runs this test inside `unshare -n`.
-const ENV_IN_NETNS: &str = "HAVEN_IN_NETNS";
 
 const SESSION: &str = "sess-ice-restart";
 /// The client restarts after two seconds of audio from the therapist...
@@ -31,19 +27,9 @@ const ENOUGH_PACKETS: u64 = RESTART_AFTER + 250;
 /// The longest the therapist may hear nothing from the client across the restart.
 const MAX_GAP: Duration = Duration::from_secs(5);
 
-fn in_netns() {
-    assert_eq!(
-        std::env::var(ENV_IN_NETNS).as_deref(),
-        Ok("1"),
-        "this test sends WebRTC traffic and must run in a private network namespace: \
-         unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; \
-         {ENV_IN_NETNS}=1 cargo test --test ice_restart'"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_ice_restart_from_a_new_address_keeps_media_and_the_stay() {
-    in_netns();
+    common::require_netns("ice_restart");
     let server = Server::start();
     let therapist = Person {
         id: "t-restart-1",
@@ -62,32 +48,13 @@ async fn publish_ice_restart_from_a_new_address_keeps_media_and_the_stay() {
         restart_after: Some(RESTART_AFTER),
     };
     let started = Instant::now();
-    let got = [Arc::new(Tally::default()), Arc::new(Tally::default())];
-    let token_t = server.token(SESSION, therapist.role, therapist.id, &["--kind", "group"]);
-    let token_c = server.token(SESSION, client.role, client.id, &["--kind", "group"]);
-    let t = tokio::spawn(participant(
-        therapist,
-        2,
-        server.ws_url(),
-        token_t,
-        got[0].clone(),
-    ));
-    // The therapist first, so the client finds them there and waits to be admitted.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let c = tokio::spawn(participant(
-        client,
-        1,
-        server.ws_url(),
-        token_c,
-        got[1].clone(),
-    ));
-    let (t, c) = tokio::join!(t, c);
-    let (Ok(t), Ok(c)) = (t, c) else {
+    let Some(pair) = therapist_and_client(&server, SESSION, therapist, client).await else {
         panic!(
             "a participant failed\n--- server log ---\n{}",
             server.log_text()
         );
     };
+    let (t, c, got) = (pair.therapist, pair.client, pair.got);
     let gap = Duration::from_millis(got[0].max_gap_ms.load(Ordering::Relaxed));
     println!(
         "figure: ice_restart_longest_gap_client_to_therapist_ms={} packets_to_therapist={} \

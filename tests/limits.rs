@@ -563,6 +563,13 @@ async fn a_publish_offer_with_many_media_sections_is_refused() {
     t.send(json!({"type": "publish_offer", "sdp": sdp})).await;
     let e = t.expect("error").await;
     assert_eq!(e["code"], "negotiation_failed");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("at most 4 media sections"),
+        "{e}"
+    );
     // The sentence never carries parser internals such as memory addresses.
     assert!(!e["message"].as_str().unwrap_or("").contains("0x"), "{e}");
     still_fine(&mut t).await;

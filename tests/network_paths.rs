@@ -5,7 +5,7 @@
 //! it can form is its active TCP candidate with Haven's passive one (RFC 6544), and every
 //! packet in both directions is RFC 4571-framed on that connection.
 //!
-//! The test must run in a private network namespace (see [`ENV_IN_NETNS`]).
+//! The test must run in a private network namespace (see `common::require_netns`).
 
 mod common;
 
@@ -33,9 +33,6 @@ use webrtc::peer_connection::{
 };
 
 use common::{Server, Signal};
-
-/// Set to `1` by the script that runs this test inside `unshare -n`.
-const ENV_IN_NETNS: &str = "HAVEN_IN_NETNS";
 
 const SESSION: &str = "sess-net-paths";
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
@@ -415,19 +412,9 @@ async fn exchange(server: &Server, a: Person, b: Person) -> (u64, u64, Duration)
     )
 }
 
-fn in_netns() {
-    assert_eq!(
-        std::env::var(ENV_IN_NETNS).as_deref(),
-        Ok("1"),
-        "this test sends WebRTC traffic and must run in a private network namespace: \
-         unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; \
-         {ENV_IN_NETNS}=1 cargo test --test network_paths'"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_only_client_exchanges_audio_through_ice_tcp() {
-    in_netns();
+    common::require_netns("network_paths");
     let server = Server::start();
     let therapist = Person {
         id: "t-net-1",

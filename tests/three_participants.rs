@@ -11,7 +11,7 @@
 //! byte. Video payloads start with a real VP8 payload descriptor and frame header, because the
 //! server reads them to find keyframes.
 //!
-//! The test sends UDP and must run in a private network namespace (see [`ENV_IN_NETNS`]).
+//! The test sends UDP and must run in a private network namespace (see `common::require_netns`).
 
 mod common;
 
@@ -46,9 +46,6 @@ use webrtc::peer_connection::{
 use webrtc::rtp_transceiver::RtpSender;
 
 use common::{Server, Signal, BIN};
-
-/// Set to `1` by the script that runs this test inside `unshare -n`.
-const ENV_IN_NETNS: &str = "HAVEN_IN_NETNS";
 
 const SESSION: &str = "sess-e2e-rust";
 
@@ -955,13 +952,7 @@ fn approx(what: &str, got: f64, want: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_participants_exchange_intact_media_and_are_credited_for_it() {
-    assert_eq!(
-        std::env::var(ENV_IN_NETNS).as_deref(),
-        Ok("1"),
-        "this test sends WebRTC traffic and must run in a private network namespace: \
-         unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; \
-         {ENV_IN_NETNS}=1 cargo test --test three_participants'"
-    );
+    common::require_netns("three_participants");
 
     let mut server = Server::start();
     let received = Arc::new(Received::default());

@@ -7,7 +7,7 @@
 //! only candidate is its relayed address on coturn, so every packet in both directions goes
 //! through the relay; the therapist uses UDP directly.
 //!
-//! The test must run in a private network namespace (see [`ENV_IN_NETNS`]).
+//! The test must run in a private network namespace (see `common::require_netns`).
 
 mod common;
 
@@ -16,17 +16,13 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
-use common::peer::{participant, Person, Route, Tally};
+use common::peer::{therapist_and_client, Person, Route};
 use common::Server;
-
-/// Set to `1` by the script that runs this test inside `unshare -n`.
-const ENV_IN_NETNS: &str = "HAVEN_IN_NETNS";
 
 const SESSION: &str = "sess-turn";
 /// The secret Haven and coturn share in this test.
@@ -158,19 +154,9 @@ fn random() -> u64 {
     h.finish()
 }
 
-fn in_netns() {
-    assert_eq!(
-        std::env::var(ENV_IN_NETNS).as_deref(),
-        Ok("1"),
-        "this test starts coturn and sends WebRTC traffic, so it must run in a private network \
-         namespace: unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; \
-         {ENV_IN_NETNS}=1 cargo test --test turn'"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_only_client_exchanges_audio_through_coturn() {
-    in_netns();
+    common::require_netns("turn");
     let coturn = Coturn::start();
 
     // Haven learns the TURN server from its configuration file.
@@ -206,33 +192,14 @@ async fn relay_only_client_exchanges_audio_through_coturn() {
         restart_after: None,
     };
     let started = Instant::now();
-    let got = [Arc::new(Tally::default()), Arc::new(Tally::default())];
-    let token_t = server.token(SESSION, therapist.role, therapist.id, &["--kind", "group"]);
-    let token_c = server.token(SESSION, client.role, client.id, &["--kind", "group"]);
-    let t = tokio::spawn(participant(
-        therapist,
-        2,
-        server.ws_url(),
-        token_t,
-        got[0].clone(),
-    ));
-    // The therapist first, so the client finds them there and waits to be admitted.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let c = tokio::spawn(participant(
-        client,
-        1,
-        server.ws_url(),
-        token_c,
-        got[1].clone(),
-    ));
-    let (t, c) = tokio::join!(t, c);
-    let (Ok(t), Ok(c)) = (t, c) else {
+    let Some(pair) = therapist_and_client(&server, SESSION, therapist, client).await else {
         panic!(
             "a participant failed\n--- server log ---\n{}\n--- coturn log ---\n{}",
             server.log_text(),
             coturn.log_text()
         );
     };
+    let (t, c, got) = (pair.therapist, pair.client, pair.got);
     let (to_therapist, to_client) = (got[0].got(), got[1].got());
     println!(
         "figure: turn_relay_packets_client_to_therapist={to_therapist} \

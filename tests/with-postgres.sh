@@ -23,7 +23,7 @@ fi
 # PostgreSQL refuses to run as root; run it as the postgres user then.
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
-dir=$(mktemp -d "${TMPDIR:-/tmp}/haven-pg.XXXXXX")
+dir=$(mktemp -d)
 chmod 700 "$dir"
 [ "$(id -u)" = 0 ] && chown postgres "$dir"
 

@@ -16,6 +16,8 @@ pub enum SfuError {
     AlreadyPresent,
     #[error("the room is full ({0} people)")]
     RoomFull(usize),
+    #[error("a participant publishes at most {0} media sections")]
+    TooManyTracks(usize),
     #[error("the session description could not be used: {0}")]
     BadSdp(String),
     #[error(
@@ -33,7 +35,7 @@ impl SfuError {
             SfuError::UnknownParticipant => "unknown_participant",
             SfuError::AlreadyPresent => "already_joined",
             SfuError::RoomFull(_) => "room_full",
-            SfuError::BadSdp(_) => "negotiation_failed",
+            SfuError::BadSdp(_) | SfuError::TooManyTracks(_) => "negotiation_failed",
             SfuError::StaleAnswer { .. } => "stale_answer",
         }
     }

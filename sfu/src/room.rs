@@ -28,6 +28,9 @@ use crate::keyframe::{is_vp8_keyframe_start, KeyframeThrottle};
 use crate::tcp::TcpWriter;
 use crate::{PcSide, RoomCommand, RoomEvent, RoomStats, SfuError, TrackInfo, TrackKind};
 
+/// Media sections accepted in a publish offer: audio and video, with room for a screen share.
+pub const MAX_PUBLISH_SECTIONS: usize = 4;
+
 /// Rooms hold at most this many people (the design's group size).
 pub const MAX_PARTICIPANTS: usize = 16;
 
@@ -325,6 +328,12 @@ impl Room {
 
     fn publish_offer(&mut self, id: &ParticipantId, sdp: &str) -> Result<String, SfuError> {
         let i = self.index(id).ok_or(SfuError::UnknownParticipant)?;
+        // Each published m-line is forwarded to every subscriber; an offer with many would
+        // multiply the work of the whole room.
+        let sections = sdp.lines().filter(|l| l.starts_with("m=")).count();
+        if sections > MAX_PUBLISH_SECTIONS {
+            return Err(SfuError::TooManyTracks(MAX_PUBLISH_SECTIONS));
+        }
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         let peer = &mut self.participants[i].publish;
         let ufrag_before = peer.rtc.direct_api().local_ice_credentials().ufrag;

@@ -23,8 +23,8 @@ use crate::protocol::{ClientMsg, PcName, ServerMsg};
 use crate::session::{SessionCmd, SessionHandle, TherapistAction};
 use crate::ServerState;
 
-/// Media sections accepted in a publish offer: audio and video, with room for a screen share.
-const MAX_PUBLISH_SECTIONS: usize = 4;
+/// How long a closing connection waits for the browser's Close (and discards what it sends).
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Close codes (RFC 6455 section 7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
@@ -334,15 +334,6 @@ impl Conn {
             ClientMsg::Ping => self.send(&ServerMsg::Pong).await.map_err(|_| closed()),
             ClientMsg::Leave => Ok(()),
             ClientMsg::PublishOffer { sdp, negotiation } => {
-                // A participant publishes one audio and one video track; an offer with many
-                // more media sections would multiply the work of every subscriber.
-                let sections = sdp.lines().filter(|l| l.starts_with("m=")).count();
-                if sections > MAX_PUBLISH_SECTIONS {
-                    return Err(SignalError::new(
-                        ErrorCode::NegotiationFailed,
-                        format!("Publish at most {MAX_PUBLISH_SECTIONS} media sections (camera and microphone)."),
-                    ));
-                }
                 tracing::trace!(%sdp, "publish offer");
                 let (reply, rx) = oneshot::channel();
                 if !session
@@ -477,15 +468,30 @@ impl Conn {
         self.close(code, e.code.as_str()).await;
     }
 
+    /// The closing handshake (RFC 6455 section 7.1.1): send Close, then read until the
+    /// browser's Close, for at most [`CLOSE_HANDSHAKE`]. Dropping the socket while the peer's
+    /// messages are still unread would reset the TCP connection, and the browser would lose
+    /// the error and the close code that say why it was closed.
     async fn close(&mut self, code: u16, reason: &'static str) {
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
-        let _ = tokio::time::timeout(
+        let sent = tokio::time::timeout(
             self.state.limits.send_timeout,
             self.socket.send(Message::Close(Some(frame))),
         )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(msg)) = self.socket.recv().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
         .await;
     }
 }

@@ -128,6 +128,10 @@ impl From<sfu::SfuError> for SignalError {
                     "The media description could not be used. Reload the page to try again.",
                 )
             }
+            E::TooManyTracks(n) => SignalError::new(
+                ErrorCode::NegotiationFailed,
+                format!("Publish at most {n} media sections (camera and microphone)."),
+            ),
             E::StaleAnswer { .. } => SignalError::new(
                 ErrorCode::StaleAnswer,
                 "That answer is for an offer that is no longer pending; answer the latest offer.",

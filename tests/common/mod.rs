@@ -20,6 +20,21 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_haven");
 
+/// Set (to `1`) by the test command when the tests run in a private network namespace.
+pub const ENV_IN_NETNS: &str = "HAVEN_IN_NETNS";
+
+/// Fails a test that sends WebRTC traffic unless it runs in a private network namespace:
+/// WebRTC stacks gather candidates on every interface, and no packet may leave the machine.
+pub fn require_netns(test: &str) {
+    assert_eq!(
+        std::env::var(ENV_IN_NETNS).as_deref(),
+        Ok("1"),
+        "this test sends WebRTC traffic and must run in a private network namespace: \
+         unshare -n sh -c 'ip link set lo up; ip route add 224.0.0.0/4 dev lo; \
+         {ENV_IN_NETNS}=1 cargo test --test {test}'"
+    );
+}
+
 /// Sets the server's `RUST_LOG` for a test run (default `info`), for example
 /// `HAVEN_TEST_LOG=debug` to see signaling and media detail in [`Server::log_text`].
 pub const ENV_TEST_LOG: &str = "HAVEN_TEST_LOG";

@@ -434,3 +434,46 @@ fn ice_ufrag(sdp: &Value) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// A therapist and a client of one session, run side by side until each has received
+/// enough from the other: the therapist starts first, so the client finds them and waits to
+/// be admitted. The tallies are what the therapist (`[0]`) and the client (`[1]`) received.
+pub struct Pair {
+    pub therapist: Outcome,
+    pub client: Outcome,
+    pub got: [Arc<Tally>; 2],
+}
+
+/// Runs [`Pair`]; `None` when either participant failed (its panic is in the test output).
+pub async fn therapist_and_client(
+    server: &super::Server,
+    session: &str,
+    therapist: Person,
+    client: Person,
+) -> Option<Pair> {
+    let got = [Arc::new(Tally::default()), Arc::new(Tally::default())];
+    let token_t = server.token(session, therapist.role, therapist.id, &["--kind", "group"]);
+    let token_c = server.token(session, client.role, client.id, &["--kind", "group"]);
+    let (from_t, from_c) = (client.index, therapist.index);
+    let t = tokio::spawn(participant(
+        therapist,
+        from_t,
+        server.ws_url(),
+        token_t,
+        got[0].clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = tokio::spawn(participant(
+        client,
+        from_c,
+        server.ws_url(),
+        token_c,
+        got[1].clone(),
+    ));
+    let (t, c) = tokio::join!(t, c);
+    Some(Pair {
+        therapist: t.ok()?,
+        client: c.ok()?,
+        got,
+    })
+}
