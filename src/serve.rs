@@ -167,6 +167,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ledger,
         revocations: Arc::new(revocations),
         policy,
+        metrics: Arc::new(signaling::metrics::Metrics::default()),
     };
     let silence = Duration::from_secs(config.silence_timeout_seconds.into());
     let limits = signaling::Limits {

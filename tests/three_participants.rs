@@ -1060,10 +1060,23 @@ async fn three_participants_exchange_intact_media_and_are_credited_for_it() {
                 flow.packets,
                 span - flow.seen.len() as u64
             );
-            assert_eq!(
-                flow.duplicates, 0,
-                "{p} -> {r} {kind:?} delivered duplicates"
-            );
+            // Audio is never sent twice. Video may be: the bandwidth estimator probes with
+            // retransmissions of packets already sent (RTX padding), which a browser's jitter
+            // buffer drops; this raw reader sees them. They must stay a small share.
+            if *kind == Kind::Audio {
+                assert_eq!(flow.duplicates, 0, "{p} -> {r} audio delivered duplicates");
+            } else {
+                println!(
+                    "flow {p} -> {r} video: {} probe retransmissions",
+                    flow.duplicates
+                );
+                assert!(
+                    flow.duplicates * 10 <= flow.packets,
+                    "{p} -> {r}: {} duplicates in {} packets is more than probing explains",
+                    flow.duplicates,
+                    flow.packets
+                );
+            }
             if *kind == Kind::Video {
                 assert_eq!(
                     flow.first_was_keyframe,

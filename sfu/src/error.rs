@@ -20,6 +20,8 @@ pub enum SfuError {
     TooManyTracks(usize),
     #[error("the session description could not be used: {0}")]
     BadSdp(String),
+    #[error("no {0} codec in common: Haven takes Opus audio and VP8, H.264, VP9 or AV1 video")]
+    NoCommonCodec(String),
     #[error(
         "the answer does not belong to the pending offer (negotiation {got}, pending {pending:?})"
     )]
@@ -37,6 +39,7 @@ impl SfuError {
             SfuError::RoomFull(_) => "room_full",
             SfuError::BadSdp(_) | SfuError::TooManyTracks(_) => "negotiation_failed",
             SfuError::StaleAnswer { .. } => "stale_answer",
+            SfuError::NoCommonCodec(_) => "no_common_codec",
         }
     }
 }

@@ -17,24 +17,30 @@
 //! hears from it through [`RoomEvent`]s. str0m stays an implementation detail of this crate.
 
 mod activity;
+#[doc(hidden)]
+pub mod bench_api;
 mod demux;
 mod error;
 mod forward;
 mod keyframe;
+mod layer;
 mod room;
 mod socket;
+mod speaker;
 mod tcp;
+mod vp8;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use haven_ids::{ParticipantId, SessionId};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::SfuError;
+pub use layer::{AudioOnlyReason, Layer};
 
 /// How many commands may queue for one room before senders wait.
 const ROOM_COMMAND_QUEUE: usize = 256;
@@ -137,7 +143,18 @@ impl Sfu {
 
 /// Binds UDP and TCP on one port number. With port 0 the kernel picks the UDP port, and the
 /// TCP port of that number may be taken: then another UDP port is tried.
+///
+/// The UDP socket takes every participant's media, so its kernel buffers are raised well
+/// above the default (about 200 KiB, some 90 full-size datagrams on Linux): a room task that
+/// is busy for a few milliseconds must not cost datagrams. Linux caps the request at
+/// `net.core.rmem_max` / `net.core.wmem_max`; what it granted is logged at debug.
 async fn bind_pair(bind: SocketAddr) -> Result<(UdpSocket, TcpListener), SfuError> {
+    /// Requested receive and send buffer of the media socket. Linux doubles the value for
+    /// its bookkeeping, and counts each datagram's whole allocation (about 2.3 KiB for a
+    /// 1,200-byte packet), so 8 MiB holds a few thousand datagrams: a quarter of a second at
+    /// 16,000 packets a second.
+    const MEDIA_SOCKET_BUFFER: usize = 8 << 20;
+
     let attempts = if bind.port() == 0 {
         PORT_PAIR_ATTEMPTS
     } else {
@@ -148,7 +165,20 @@ async fn bind_pair(bind: SocketAddr) -> Result<(UdpSocket, TcpListener), SfuErro
         let udp = UdpSocket::bind(bind).await.map_err(SfuError::Bind)?;
         let port = udp.local_addr().map_err(SfuError::Bind)?.port();
         match TcpListener::bind(SocketAddr::new(bind.ip(), port)).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+            Ok(tcp) => {
+                // A smaller buffer than asked for still works; only the log says so.
+                let sock = socket2::SockRef::from(&udp);
+                let rcv = sock.set_recv_buffer_size(MEDIA_SOCKET_BUFFER);
+                let snd = sock.set_send_buffer_size(MEDIA_SOCKET_BUFFER);
+                tracing::debug!(
+                    requested = MEDIA_SOCKET_BUFFER,
+                    receive = ?rcv.and_then(|()| sock.recv_buffer_size()),
+                    send = ?snd.and_then(|()| sock.send_buffer_size()),
+                    "media socket buffers granted (bytes; Linux reports twice the usable size, \
+                     capped by net.core.rmem_max and wmem_max)"
+                );
+                return Ok((udp, tcp));
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -220,6 +250,36 @@ pub enum RoomEvent {
         participant: ParticipantId,
         last_packet_at: SystemTime,
     },
+    /// Video to the participant paused (`audio_only`) or resumed, for `reason`.
+    ModalityChanged {
+        participant: ParticipantId,
+        audio_only: bool,
+        reason: AudioOnlyReason,
+        at: SystemTime,
+    },
+    /// Who speaks now; `None` when nobody has for a while.
+    ActiveSpeaker { participant: Option<ParticipantId> },
+    /// Connection figures of everyone in the room, every few seconds.
+    Quality(Vec<ParticipantQuality>),
+}
+
+/// One participant's connection as the server sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParticipantQuality {
+    pub participant: ParticipantId,
+    /// What the participant sends to the server, in bits per second.
+    pub bitrate_in_bps: Option<u64>,
+    /// What the server sends to the participant.
+    pub bitrate_out_bps: Option<u64>,
+    /// Loss on the way in (the server's receive side) and out (as the participant reports).
+    pub loss_in: Option<f32>,
+    pub loss_out: Option<f32>,
+    pub rtt: Option<Duration>,
+    /// The bandwidth estimate toward the participant.
+    pub estimate_bps: Option<u64>,
+    /// The best layer the participant receives; `None` when receiving no video.
+    pub layer: Option<Layer>,
+    pub audio_only: Option<AudioOnlyReason>,
 }
 
 /// Commands to a room. Each reply arrives on its own oneshot channel.
@@ -252,6 +312,19 @@ pub(crate) enum RoomCommand {
         id: ParticipantId,
         muted: bool,
     },
+    SetVideoSize {
+        id: ParticipantId,
+        publisher: ParticipantId,
+        width: u32,
+        height: u32,
+    },
+    SetAudioOnly {
+        id: ParticipantId,
+        enabled: bool,
+    },
+    RestartIce {
+        id: ParticipantId,
+    },
     Stats {
         reply: oneshot::Sender<RoomStats>,
     },
@@ -264,6 +337,8 @@ pub struct RoomStats {
     pub packets_in: u64,
     pub packets_forwarded: u64,
     pub keyframe_requests_sent: u64,
+    /// Times a subscriber moved from one simulcast layer to another.
+    pub layer_switches: u64,
 }
 
 /// The way into one room's task.
@@ -329,6 +404,40 @@ impl RoomHandle {
     /// Stops (or resumes) forwarding a participant's audio to everyone.
     pub async fn set_audio_muted(&self, id: ParticipantId, muted: bool) {
         let _ = self.tx.send(RoomCommand::SetAudioMuted { id, muted }).await;
+    }
+
+    /// Tells the room the size (in device pixels) at which participant `id` shows
+    /// `publisher`'s video; `0 x 0` when not shown. The layer sent follows it.
+    pub async fn set_video_size(
+        &self,
+        id: ParticipantId,
+        publisher: ParticipantId,
+        width: u32,
+        height: u32,
+    ) {
+        let _ = self
+            .tx
+            .send(RoomCommand::SetVideoSize {
+                id,
+                publisher,
+                width,
+                height,
+            })
+            .await;
+    }
+
+    /// Stops (or resumes) sending video to a participant who asked for audio only.
+    pub async fn set_audio_only(&self, id: ParticipantId, enabled: bool) {
+        let _ = self
+            .tx
+            .send(RoomCommand::SetAudioOnly { id, enabled })
+            .await;
+    }
+
+    /// Restarts ICE on the participant's receiving connection: a `SubscribeOffer` with new
+    /// credentials follows (after any offer still waiting for its answer).
+    pub async fn restart_ice(&self, id: ParticipantId) {
+        let _ = self.tx.send(RoomCommand::RestartIce { id }).await;
     }
 
     pub async fn stats(&self) -> Result<RoomStats, SfuError> {

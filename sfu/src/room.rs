@@ -12,21 +12,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use haven_ids::{ParticipantId, SessionId};
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::stats::PeerStats;
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::activity::{MediaActivity, Transition};
 use crate::demux::{Datagram, DemuxControl, Path, PcId};
-use crate::forward::Forwarder;
-use crate::keyframe::{is_vp8_keyframe_start, KeyframeThrottle};
+use crate::forward::{Forwarder, InPacket, Want};
+use crate::keyframe::{
+    is_av1_keyframe_start, is_h264_keyframe_start, is_vp9_keyframe_start, KeyframeThrottle,
+};
+use crate::layer::{
+    layers_for_rids, Allocator, AudioOnlyReason, Layer, LayerOption, RateMeter, VideoNeed,
+    ALLOCATION_INTERVAL,
+};
+use crate::speaker::{LevelMeter, SpeakerTracker, SPEAKER_INTERVAL};
 use crate::tcp::TcpWriter;
-use crate::{PcSide, RoomCommand, RoomEvent, RoomStats, SfuError, TrackInfo, TrackKind};
+use crate::vp8::Descriptor;
+use crate::{
+    ParticipantQuality, PcSide, RoomCommand, RoomEvent, RoomStats, SfuError, TrackInfo, TrackKind,
+};
 
 /// Media sections accepted in a publish offer: audio and video, with room for a screen share.
 pub const MAX_PUBLISH_SECTIONS: usize = 4;
@@ -42,6 +54,13 @@ const KEYFRAME_RETRY: Duration = Duration::from_millis(250);
 
 /// The longest the task sleeps; str0m asks for shorter timeouts whenever it needs them.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
+
+/// How often each participant's connection figures are gathered and reported.
+pub const QUALITY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The bandwidth estimate a receiving connection starts from, before feedback refines it:
+/// enough for one top-layer video, so a one-on-one session starts sharp.
+const INITIAL_ESTIMATE_KBPS: u64 = 2_500;
 
 pub(crate) trait PcIds: Send + Sync {
     fn next_pc_id(&self) -> PcId;
@@ -105,7 +124,55 @@ struct Peer {
 struct PublishedTrack {
     mid: Mid,
     kind: TrackKind,
+    /// Simulcast rids and the layer each carries; empty without simulcast.
+    rids: Vec<(String, Layer)>,
+    /// Per layer: its bitrate, the picture size its last keyframe announced and the
+    /// keyframe request throttle.
+    layers: [LayerState; 3],
+}
+
+#[derive(Debug, Default)]
+struct LayerState {
+    meter: RateMeter,
+    size: Option<(u32, u32)>,
     keyframes: KeyframeThrottle,
+}
+
+impl PublishedTrack {
+    fn layer_of(&self, rid: Option<&str>) -> Layer {
+        match rid {
+            None => Layer::High,
+            Some(rid) => self
+                .rids
+                .iter()
+                .find(|(r, _)| r == rid)
+                .map(|(_, l)| *l)
+                .or_else(|| Layer::from_known_rid(rid))
+                .unwrap_or(Layer::High),
+        }
+    }
+
+    fn rid_of(&self, layer: Layer) -> Option<Rid> {
+        self.rids
+            .iter()
+            .find(|(_, l)| *l == layer)
+            .map(|(r, _)| Rid::from(r.as_str()))
+    }
+
+    /// The layers that are arriving now, lowest first.
+    fn options(&self, now: Instant) -> Vec<LayerOption> {
+        Layer::ALL
+            .iter()
+            .filter_map(|&layer| {
+                let state = &self.layers[layer.index()];
+                state.meter.bitrate(now).map(|bps| LayerOption {
+                    layer,
+                    bps,
+                    size: state.size,
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +188,8 @@ struct Subscription {
     source: TrackRef,
     forwarder: Forwarder,
     active: bool,
+    /// The size the subscriber shows this video at, when it said.
+    display: Option<(u32, u32)>,
 }
 
 struct Participant {
@@ -137,6 +206,46 @@ struct Participant {
     activity: MediaActivity,
     /// Muted by a therapist: the room drops this participant's audio.
     audio_muted: bool,
+    /// Simulcast rids per publishing m-line, from the latest publish offer.
+    simulcast: HashMap<Mid, Vec<(String, Layer)>>,
+    /// Layer choice for what this participant receives.
+    allocator: Allocator,
+    /// The latest bandwidth estimate of the receiving connection.
+    estimate: Option<Bitrate>,
+    audio_only_requested: bool,
+    /// Why this participant receives no video, when it does not.
+    audio_only: Option<AudioOnlyReason>,
+    level: LevelMeter,
+    ice_restart_wanted: bool,
+    publish_stats: StatsWindow,
+    subscribe_stats: StatsWindow,
+}
+
+/// Connection figures from str0m's periodic stats, turned into rates.
+#[derive(Debug, Default)]
+struct StatsWindow {
+    last: Option<(Instant, u64)>,
+    bps: Option<u64>,
+    loss: Option<f32>,
+    rtt: Option<Duration>,
+}
+
+impl StatsWindow {
+    fn update(&mut self, stats: &PeerStats, bytes: u64, loss: Option<f32>) {
+        if let Some((at, before)) = self.last {
+            let secs = stats.timestamp.saturating_duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                self.bps = Some((bytes.saturating_sub(before) as f64 * 8.0 / secs) as u64);
+            }
+        }
+        self.last = Some((stats.timestamp, bytes));
+        if loss.is_some() {
+            self.loss = loss;
+        }
+        if stats.rtt.is_some() {
+            self.rtt = stats.rtt;
+        }
+    }
 }
 
 impl Participant {
@@ -171,6 +280,10 @@ struct Room {
     clock: Clock,
     stats: RoomStats,
     next_keyframe_check: Instant,
+    next_allocation: Instant,
+    next_speaker_round: Instant,
+    next_quality: Instant,
+    speaker: SpeakerTracker,
 }
 
 /// What an event asks the room to do once the connection that raised it is released.
@@ -196,6 +309,10 @@ impl Room {
             },
             stats: RoomStats::default(),
             next_keyframe_check: now,
+            next_allocation: now + ALLOCATION_INTERVAL,
+            next_speaker_round: now + SPEAKER_INTERVAL,
+            next_quality: now + QUALITY_INTERVAL,
+            speaker: SpeakerTracker::default(),
         }
     }
 
@@ -211,14 +328,24 @@ impl Room {
         }
     }
 
-    fn new_peer(&self, now: Instant) -> Result<Peer, SfuError> {
-        let mut rtc = Rtc::builder()
+    fn new_peer(&self, side: PcSide, now: Instant) -> Result<Peer, SfuError> {
+        // VP8 first: it is what every browser can both send and receive, and simulcast with
+        // it is what the forwarder understands best. The others are accepted from publishers
+        // that offer nothing else.
+        let mut builder = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
-            .build(now);
+            .enable_h264(true)
+            .enable_vp9(true)
+            .enable_av1(true)
+            .set_stats_interval(Some(QUALITY_INTERVAL));
+        if side == PcSide::Subscribe {
+            builder = builder.enable_bwe(Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
+        }
+        let mut rtc = builder.build(now);
         let candidate = Candidate::host(self.ctx.advertised, "udp")
             .map_err(|e| SfuError::BadSdp(format!("local candidate: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -278,6 +405,34 @@ impl Room {
                     self.participants[i].audio_muted = muted;
                 }
             }
+            RoomCommand::SetVideoSize {
+                id,
+                publisher,
+                width,
+                height,
+            } => {
+                if let Some(i) = self.index(&id) {
+                    for sub in &mut self.participants[i].subs {
+                        if sub.source.publisher == publisher && sub.source.kind == TrackKind::Video
+                        {
+                            sub.display = Some((width, height));
+                        }
+                    }
+                    self.allocate(i, now);
+                }
+            }
+            RoomCommand::SetAudioOnly { id, enabled } => {
+                if let Some(i) = self.index(&id) {
+                    self.participants[i].audio_only_requested = enabled;
+                    self.allocate(i, now);
+                }
+            }
+            RoomCommand::RestartIce { id } => {
+                if let Some(i) = self.index(&id) {
+                    self.participants[i].ice_restart_wanted = true;
+                    self.maybe_offer(i);
+                }
+            }
             RoomCommand::Stats { reply } => {
                 let mut stats = self.stats.clone();
                 stats.participants = self.participants.len();
@@ -309,8 +464,8 @@ impl Room {
 
         let participant = Participant {
             id,
-            publish: self.new_peer(now)?,
-            subscribe: self.new_peer(now)?,
+            publish: self.new_peer(PcSide::Publish, now)?,
+            subscribe: self.new_peer(PcSide::Subscribe, now)?,
             tracks: Vec::new(),
             subs: Vec::new(),
             pending_adds,
@@ -319,6 +474,15 @@ impl Room {
             pending_offer: None,
             activity: MediaActivity::default(),
             audio_muted: false,
+            simulcast: HashMap::new(),
+            allocator: Allocator::default(),
+            estimate: None,
+            audio_only_requested: false,
+            audio_only: None,
+            level: LevelMeter::default(),
+            ice_restart_wanted: false,
+            publish_stats: StatsWindow::default(),
+            subscribe_stats: StatsWindow::default(),
         };
         tracing::debug!(session_id = %self.ctx.session, participant_id = %participant.id, "participant added to room");
         self.participants.push(participant);
@@ -335,6 +499,7 @@ impl Room {
             return Err(SfuError::TooManyTracks(MAX_PUBLISH_SECTIONS));
         }
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        let simulcast = simulcast_rids(sdp);
         let peer = &mut self.participants[i].publish;
         let ufrag_before = peer.rtc.direct_api().local_ice_credentials().ufrag;
         let answer = peer
@@ -342,6 +507,20 @@ impl Room {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+
+        // A section the publisher sends on but with no codec Haven knows would be a session
+        // without that medium: refuse it with a clear error instead.
+        for line in answer.to_sdp_string().lines() {
+            if let Some(rest) = line.strip_prefix("m=") {
+                let mut f = rest.split_whitespace();
+                let (kind, port) = (f.next(), f.next());
+                if matches!(kind, Some("audio" | "video")) && port == Some("0") {
+                    return Err(SfuError::NoCommonCodec(kind.unwrap_or("media").to_string()));
+                }
+            }
+        }
+        self.participants[i].simulcast = simulcast;
+        let peer = &mut self.participants[i].publish;
 
         // An offer with new ICE credentials is an ICE restart (a browser whose network changed).
         // str0m answers it with a new ufrag of its own, keeping its candidates; the demux must
@@ -449,12 +628,19 @@ impl Room {
     /// and no offer is outstanding (one negotiation at a time keeps both sides in step).
     fn maybe_offer(&mut self, i: usize) {
         let p = &mut self.participants[i];
-        if p.pending_offer.is_some() || (p.pending_adds.is_empty() && p.pending_removals.is_empty())
+        if p.pending_offer.is_some()
+            || (p.pending_adds.is_empty() && p.pending_removals.is_empty() && !p.ice_restart_wanted)
         {
             return;
         }
 
         let mut api = p.subscribe.rtc.sdp_api();
+        let mut new_ufrag = None;
+        if std::mem::take(&mut p.ice_restart_wanted) {
+            // The participant's network changed: new credentials on the receiving connection,
+            // the same candidates (ours did not move).
+            new_ufrag = Some(api.ice_restart(true).ufrag);
+        }
         for track in p.pending_adds.drain(..) {
             let kind = match track.kind {
                 TrackKind::Audio => MediaKind::Audio,
@@ -477,6 +663,7 @@ impl Room {
                 forwarder: Forwarder::new(track.kind),
                 source: track,
                 active: true,
+                display: None,
             });
         }
         for mid in p.pending_removals.drain(..) {
@@ -485,6 +672,15 @@ impl Room {
         let Some((offer, pending)) = api.apply() else {
             return;
         };
+        if let Some(ufrag) = new_ufrag {
+            // Known to the demux before the offer carrying it leaves (see `new_peer`).
+            let _ = self.ctx.demux.send(DemuxControl::Register {
+                ufrag,
+                pc: p.subscribe.pc,
+                room: self.datagrams.clone(),
+            });
+            tracing::debug!(session_id = %self.ctx.session, participant_id = %p.id, "ice restart on the subscribe connection");
+        }
 
         p.negotiation += 1;
         p.pending_offer = Some((p.negotiation, pending));
@@ -576,10 +772,34 @@ impl Room {
             self.next_keyframe_check = now + KEYFRAME_RETRY;
             self.request_waiting_keyframes(now);
         }
+        if now >= self.next_allocation {
+            self.next_allocation = now + ALLOCATION_INTERVAL;
+            for i in 0..self.participants.len() {
+                self.allocate(i, now);
+            }
+        }
+        if now >= self.next_speaker_round {
+            self.next_speaker_round = now + SPEAKER_INTERVAL;
+            let meters = self.participants.iter().map(|p| (&p.id, &p.level));
+            if let Some(speaker) = self.speaker.round(now, meters) {
+                self.emit(RoomEvent::ActiveSpeaker {
+                    participant: speaker,
+                });
+            }
+        }
+        if now >= self.next_quality {
+            self.next_quality = now + QUALITY_INTERVAL;
+            if !self.participants.is_empty() {
+                self.emit(RoomEvent::Quality(self.quality_report()));
+            }
+        }
     }
 
     fn next_deadline(&self, now: Instant) -> Instant {
-        let mut deadline = now + MAX_SLEEP;
+        let mut deadline = (now + MAX_SLEEP)
+            .min(self.next_allocation)
+            .min(self.next_speaker_round)
+            .min(self.next_quality);
         for p in &self.participants {
             deadline = deadline
                 .min(p.publish.next_timeout)
@@ -628,8 +848,37 @@ impl Room {
             (PcSide::Subscribe, Event::KeyframeRequest(req)) => {
                 let p = &self.participants[i];
                 if let Some(sub) = p.subs.iter().find(|s| s.mid == req.mid) {
+                    let layer = sub
+                        .forwarder
+                        .current_layer()
+                        .or(sub.forwarder.waiting_for());
                     let source = sub.source.clone();
-                    self.request_keyframe(&source, now);
+                    if let Some(layer) = layer {
+                        self.request_keyframe(&source, layer, now);
+                    }
+                }
+            }
+            (
+                PcSide::Subscribe,
+                Event::EgressBitrateEstimate(BweKind::Twcc {
+                    estimate,
+                    can_probe,
+                }),
+            ) => {
+                // Without probing the estimate is a stale guess; only display sizes limit.
+                self.participants[i].estimate = can_probe.then_some(estimate);
+            }
+            (side, Event::PeerStats(stats)) => {
+                let p = &mut self.participants[i];
+                match side {
+                    PcSide::Publish => {
+                        let loss = stats.ingress_loss_fraction;
+                        p.publish_stats.update(&stats, stats.peer_bytes_rx, loss)
+                    }
+                    PcSide::Subscribe => {
+                        let loss = stats.egress_loss_fraction;
+                        p.subscribe_stats.update(&stats, stats.peer_bytes_tx, loss)
+                    }
                 }
             }
             (_, Event::IceConnectionStateChange(state)) => {
@@ -649,10 +898,16 @@ impl Room {
         if self.participants[i].tracks.iter().any(|t| t.mid == mid) {
             return;
         }
+        let rids = self.participants[i]
+            .simulcast
+            .get(&mid)
+            .cloned()
+            .unwrap_or_default();
         self.participants[i].tracks.push(PublishedTrack {
             mid,
             kind,
-            keyframes: KeyframeThrottle::default(),
+            rids,
+            layers: Default::default(),
         });
         tracing::debug!(session_id = %self.ctx.session, participant_id = %publisher, kind = kind.as_str(), "track published");
 
@@ -683,23 +938,56 @@ impl Room {
         }
         let publisher = &mut self.participants[i];
 
-        let Some(mid) = publisher
+        let Some((mid, stream_rid)) = publisher
             .publish
             .rtc
             .direct_api()
             .stream_rx(&pkt.header.ssrc)
-            .map(|s| s.mid())
+            .map(|s| (s.mid(), s.rid()))
         else {
             return;
         };
         let Some(codec) = codec_of(&publisher.publish.rtc, pkt.header.payload_type) else {
             return;
         };
-        let is_keyframe = codec == Codec::Vp8 && is_vp8_keyframe_start(&pkt.payload);
-        let publisher_id = publisher.id.clone();
-        if publisher.audio_muted && codec == Codec::Opus {
-            return;
+        if codec == Codec::Opus {
+            if let Some(level) = pkt.header.ext_vals.audio_level {
+                publisher.level.on_level(now, level.unsigned_abs());
+            }
+            if publisher.audio_muted {
+                return;
+            }
         }
+
+        let vp8 = (codec == Codec::Vp8)
+            .then(|| Descriptor::parse(&pkt.payload))
+            .flatten();
+        let is_keyframe = match codec {
+            Codec::Vp8 => vp8.is_some_and(|d| d.is_keyframe_start(&pkt.payload)),
+            Codec::Vp9 => is_vp9_keyframe_start(&pkt.payload),
+            Codec::H264 => is_h264_keyframe_start(&pkt.payload),
+            Codec::Av1 => is_av1_keyframe_start(&pkt.payload),
+            _ => false,
+        };
+        let picture_id = vp8.and_then(|d| d.picture_id(&pkt.payload));
+        let tl0 = vp8.and_then(|d| d.tl0(&pkt.payload));
+
+        let rid = pkt.header.ext_vals.rid.or(stream_rid);
+        let layer = match publisher.tracks.iter_mut().find(|t| t.mid == mid) {
+            Some(track) => {
+                let layer = track.layer_of(rid.as_deref());
+                let state = &mut track.layers[layer.index()];
+                state
+                    .meter
+                    .on_packet(now, pkt.payload.len() + pkt.header.header_len);
+                if let Some(size) = vp8.and_then(|d| d.keyframe_size(&pkt.payload)) {
+                    state.size = Some(size);
+                }
+                layer
+            }
+            None => Layer::High,
+        };
+        let publisher_id = publisher.id.clone();
 
         // Only extensions that describe the media itself travel on; mid, rid and transport
         // fields belong to the publisher's connection and would mislead the subscriber.
@@ -709,8 +997,16 @@ impl Room {
             video_orientation: pkt.header.ext_vals.video_orientation,
             ..ExtensionValues::default()
         };
+        let incoming = InPacket {
+            layer,
+            seq: *pkt.seq_no,
+            timestamp: pkt.header.timestamp,
+            keyframe_start: is_keyframe,
+            arrival: now,
+        };
 
         let mut forwarded = 0;
+        let mut switches = 0;
         for (j, p) in self.participants.iter_mut().enumerate() {
             if j == i {
                 continue;
@@ -730,50 +1026,159 @@ impl Room {
             let Some(tx) = api.stream_tx_by_mid(sub.mid, None) else {
                 continue;
             };
-            let Some(seq) = sub.forwarder.accept(*pkt.seq_no, is_keyframe) else {
+            let Some(out) = sub.forwarder.accept(incoming, picture_id, tl0) else {
                 continue;
             };
+            if out.switched && sub.forwarder.switches() > 0 {
+                switches += 1;
+            }
+            let payload = match vp8 {
+                Some(d) if out.picture_id_offset != 0 || out.tl0_offset != 0 => {
+                    let mut copy = pkt.payload.to_vec();
+                    d.rewrite(&mut copy, out.picture_id_offset, out.tl0_offset);
+                    copy.into()
+                }
+                _ => pkt.payload.clone(),
+            };
 
-            let write = RtpWrite::new(
-                pt,
-                seq.into(),
-                pkt.header.timestamp,
-                pkt.timestamp,
-                pkt.payload.clone(),
-            )
-            .marker(pkt.header.marker)
-            .ext_vals(exts.clone())
-            .nackable(sub.source.kind == TrackKind::Video);
+            let write = RtpWrite::new(pt, out.seq.into(), out.timestamp, pkt.timestamp, payload)
+                .marker(pkt.header.marker)
+                .ext_vals(exts.clone())
+                .nackable(sub.source.kind == TrackKind::Video);
             tx.write_rtp(write);
             forwarded += 1;
         }
         self.stats.packets_forwarded += forwarded;
-        let _ = now;
+        self.stats.layer_switches += switches;
+    }
+
+    /// Chooses again which layer of each video participant `i` receives.
+    fn allocate(&mut self, i: usize, now: Instant) {
+        let p = &self.participants[i];
+        let mut needs = Vec::new();
+        let mut slots = Vec::new();
+        let mut audio_streams = 0;
+        for (k, sub) in p.subs.iter().enumerate() {
+            if !sub.active {
+                continue;
+            }
+            if sub.source.kind == TrackKind::Audio {
+                audio_streams += 1;
+                continue;
+            }
+            let Some(track) = self.track(&sub.source) else {
+                continue;
+            };
+            let layers = track.options(now);
+            // Nothing measured yet (the publisher just started): leave the choice as it is.
+            if layers.is_empty() {
+                continue;
+            }
+            needs.push(VideoNeed {
+                layers,
+                display: sub.display,
+            });
+            slots.push(k);
+        }
+        let estimate = p.estimate.map(|b| b.as_u64());
+        let requested = p.audio_only_requested;
+        let p = &mut self.participants[i];
+        let allocation = p
+            .allocator
+            .allocate(now, estimate, audio_streams, requested, &needs);
+        for (k, want) in slots.iter().zip(&allocation.wants) {
+            p.subs[*k].forwarder.set_want(*want);
+        }
+        if requested {
+            for sub in &mut p.subs {
+                sub.forwarder.set_want(Want::Paused);
+            }
+        }
+        if p.estimate.is_some() {
+            // No sustained padding (minimum zero): the estimator probes toward what the
+            // subscriber would like to receive, and media takes the room it finds.
+            let desired = Bitrate::bps(allocation.desired_bps.max(allocation.allocated_bps));
+            p.subscribe.rtc.bwe().set_bitrate(Bitrate::bps(0), desired);
+        }
+        // Audio-only when everything shown is paused for lack of bandwidth, or when asked;
+        // an unchanged state (or a room with nothing to show yet) keeps the last one.
+        let audio_only = if requested {
+            Some(AudioOnlyReason::Requested)
+        } else if needs.is_empty() {
+            p.audio_only.filter(|r| *r == AudioOnlyReason::Bandwidth)
+        } else {
+            allocation.audio_only
+        };
+        if audio_only != p.audio_only {
+            let reason = audio_only
+                .or(p.audio_only)
+                .unwrap_or(AudioOnlyReason::Bandwidth);
+            p.audio_only = audio_only;
+            let event = RoomEvent::ModalityChanged {
+                participant: p.id.clone(),
+                audio_only: audio_only.is_some(),
+                reason,
+                at: self.clock.system(now),
+            };
+            tracing::debug!(session_id = %self.ctx.session, participant_id = %p.id, audio_only = audio_only.is_some(), "modality changed");
+            self.emit(event);
+        }
+        self.request_waiting_keyframes(now);
+    }
+
+    fn track(&self, r: &TrackRef) -> Option<&PublishedTrack> {
+        let i = self.index(&r.publisher)?;
+        self.participants[i].tracks.iter().find(|t| t.mid == r.mid)
+    }
+
+    fn quality_report(&self) -> Vec<ParticipantQuality> {
+        self.participants
+            .iter()
+            .map(|p| {
+                let layer = p
+                    .subs
+                    .iter()
+                    .filter(|s| s.active && s.source.kind == TrackKind::Video)
+                    .filter_map(|s| s.forwarder.current_layer())
+                    .max();
+                ParticipantQuality {
+                    participant: p.id.clone(),
+                    bitrate_in_bps: p.publish_stats.bps,
+                    bitrate_out_bps: p.subscribe_stats.bps,
+                    loss_in: p.publish_stats.loss,
+                    loss_out: p.subscribe_stats.loss,
+                    rtt: p.subscribe_stats.rtt.or(p.publish_stats.rtt),
+                    estimate_bps: p.estimate.map(|b| b.as_u64()),
+                    layer: if p.audio_only.is_some() { None } else { layer },
+                    audio_only: p.audio_only,
+                }
+            })
+            .collect()
     }
 
     fn request_waiting_keyframes(&mut self, now: Instant) {
-        let mut wanted: Vec<TrackRef> = Vec::new();
+        let mut wanted: Vec<(TrackRef, Layer)> = Vec::new();
         for p in &mut self.participants {
             let mut api = p.subscribe.rtc.direct_api();
             for sub in &p.subs {
+                let Some(layer) = sub.forwarder.waiting_for() else {
+                    continue;
+                };
                 let ready = api.stream_tx_by_mid(sub.mid, None).is_some();
-                if sub.active
-                    && ready
-                    && sub.forwarder.is_waiting_for_keyframe()
-                    && !wanted.contains(&sub.source)
-                {
-                    wanted.push(sub.source.clone());
+                let want = (sub.source.clone(), layer);
+                if sub.active && ready && !wanted.contains(&want) {
+                    wanted.push(want);
                 }
             }
         }
-        for track in wanted {
-            self.request_keyframe(&track, now);
+        for (track, layer) in wanted {
+            self.request_keyframe(&track, layer, now);
         }
     }
 
-    /// Asks the publisher of `track` for a keyframe, at most once per throttle interval
-    /// however many subscribers want one.
-    fn request_keyframe(&mut self, track: &TrackRef, now: Instant) {
+    /// Asks the publisher of `track` for a keyframe of `layer`, at most once per throttle
+    /// interval however many subscribers want one.
+    fn request_keyframe(&mut self, track: &TrackRef, layer: Layer, now: Instant) {
         let Some(i) = self.index(&track.publisher) else {
             return;
         };
@@ -781,10 +1186,11 @@ impl Room {
         let Some(t) = p.tracks.iter_mut().find(|t| t.mid == track.mid) else {
             return;
         };
-        if t.kind != TrackKind::Video || !t.keyframes.try_request(now) {
+        let rid = t.rid_of(layer);
+        if t.kind != TrackKind::Video || !t.layers[layer.index()].keyframes.try_request(now) {
             return;
         }
-        if let Some(rx) = p.publish.rtc.direct_api().stream_rx_by_mid(track.mid, None) {
+        if let Some(rx) = p.publish.rtc.direct_api().stream_rx_by_mid(track.mid, rid) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
             self.stats.keyframe_requests_sent += 1;
         }
@@ -831,6 +1237,40 @@ fn poll_peer(peer: &mut Peer, socket: &UdpSocket, now: Instant, mut on_event: im
         }
     }
     peer.next_timeout = now;
+}
+
+/// The rids of each m-line's `a=simulcast:send` list, with the layer each carries.
+fn simulcast_rids(sdp: &str) -> HashMap<Mid, Vec<(String, Layer)>> {
+    let mut out = HashMap::new();
+    let mut mid: Option<Mid> = None;
+    let mut rids: Option<Vec<String>> = None;
+    let mut end_section = |mid: &mut Option<Mid>, rids: &mut Option<Vec<String>>| {
+        if let (Some(m), Some(r)) = (mid.take(), rids.take()) {
+            out.insert(m, layers_for_rids(&r));
+        }
+    };
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            end_section(&mut mid, &mut rids);
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(Mid::from(m.trim()));
+        } else if let Some(list) = line.strip_prefix("a=simulcast:send ") {
+            // `q;h;f`, where a rid may be paused (`~q`) or offer alternatives (`q,r`).
+            let list: Vec<String> = list
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .split(';')
+                .filter_map(|alt| alt.split(',').next())
+                .map(|r| r.trim_start_matches('~').to_string())
+                .filter(|r| !r.is_empty())
+                .collect();
+            rids = Some(list);
+        }
+    }
+    end_section(&mut mid, &mut rids);
+    out
 }
 
 fn codec_of(rtc: &Rtc, pt: str0m::media::Pt) -> Option<Codec> {

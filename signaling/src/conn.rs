@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::error::{ErrorCode, SignalError};
 use crate::limits::{ConnectionSlot, MessageRate};
 use crate::protocol::{ClientMsg, PcName, ServerMsg};
-use crate::session::{SessionCmd, SessionHandle, TherapistAction};
+use crate::session::{MediaAction, SessionCmd, SessionHandle, TherapistAction};
 use crate::ServerState;
 
 /// How long a closing connection waits for the browser's Close (and discards what it sends).
@@ -381,6 +381,27 @@ impl Conn {
                     .await;
                 Ok(())
             }
+            ClientMsg::VideoSize {
+                participant_id,
+                width,
+                height,
+            } => {
+                Self::media(
+                    conn,
+                    who,
+                    session,
+                    MediaAction::VideoSize {
+                        participant_id,
+                        width,
+                        height,
+                    },
+                )
+                .await
+            }
+            ClientMsg::AudioOnly { enabled } => {
+                Self::media(conn, who, session, MediaAction::AudioOnly(enabled)).await
+            }
+            ClientMsg::IceRestart => Self::media(conn, who, session, MediaAction::IceRestart).await,
             ClientMsg::Admit { participant_id } => {
                 Self::therapist(conn, who, session, TherapistAction::Admit(participant_id)).await
             }
@@ -406,6 +427,26 @@ impl Conn {
                 Self::therapist(conn, who, session, TherapistAction::End).await
             }
         }
+    }
+
+    async fn media(
+        conn: ConnId,
+        who: &ParticipantId,
+        session: &SessionHandle,
+        action: MediaAction,
+    ) -> Result<(), SignalError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = SessionCmd::Media {
+            from: who.clone(),
+            conn,
+            action,
+            reply,
+        };
+        if !session.send(cmd).await {
+            return Err(SignalError::internal(&"session closed"));
+        }
+        rx.await
+            .map_err(|_| SignalError::internal(&"session closed"))?
     }
 
     async fn therapist(

@@ -31,6 +31,7 @@ pub enum ErrorCode {
     BadMessage,
     UnknownType,
     NegotiationFailed,
+    NoCommonCodec,
     StaleAnswer,
     RoomFull,
     Internal,
@@ -61,6 +62,7 @@ impl ErrorCode {
             ErrorCode::BadMessage => "bad_message",
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::NegotiationFailed => "negotiation_failed",
+            ErrorCode::NoCommonCodec => "no_common_codec",
             ErrorCode::StaleAnswer => "stale_answer",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::Internal => "internal",
@@ -131,6 +133,13 @@ impl From<sfu::SfuError> for SignalError {
             E::TooManyTracks(n) => SignalError::new(
                 ErrorCode::NegotiationFailed,
                 format!("Publish at most {n} media sections (camera and microphone)."),
+            ),
+            E::NoCommonCodec(kind) => SignalError::new(
+                ErrorCode::NoCommonCodec,
+                format!(
+                    "This browser offered no {kind} format the server can forward (Opus audio; \
+                     VP8, H.264, VP9 or AV1 video). Try an up-to-date Chrome, Firefox or Safari."
+                ),
             ),
             E::StaleAnswer { .. } => SignalError::new(
                 ErrorCode::StaleAnswer,

@@ -22,6 +22,7 @@ mod compliance;
 mod conn;
 mod error;
 pub mod limits;
+pub mod metrics;
 pub mod permission;
 pub mod protocol;
 pub mod revocation;
@@ -59,6 +60,7 @@ pub struct ServerState {
     pub allowed_origins: Vec<String>,
     pub ledger: attendance::LedgerHandle,
     pub attendance_rules: attendance::AttendanceRules,
+    pub metrics: Arc<metrics::Metrics>,
     connections: Arc<ConnectionCounter>,
     next_conn: AtomicU64,
     ready: AtomicBool,
@@ -81,6 +83,7 @@ impl ServerState {
             revocations: deps.revocations.clone(),
             ledger: deps.ledger.clone(),
             attendance_rules: http.attendance_rules,
+            metrics: deps.metrics.clone(),
             router: RouterHandle::spawn(deps),
             limits: http.limits,
             allowed_origins: http.allowed_origins,
@@ -145,6 +148,7 @@ impl ServerState {
 pub fn app(state: Arc<ServerState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/ws", get(ws))
         .route("/api/v1/revocations", axum::routing::post(api::revoke))
         .route("/api/v1/attendance/sessions/{id}", get(compliance::session))
@@ -173,6 +177,28 @@ async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     }
+}
+
+/// Prometheus metrics, for a scraper on the same machine only (see `metrics`).
+async fn metrics(
+    State(state): State<Arc<ServerState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "metrics are served to loopback only\n",
+        )
+            .into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn ws(

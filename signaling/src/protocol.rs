@@ -56,6 +56,19 @@ pub enum ClientMsg {
     EndSession,
     Leave,
     Ping,
+    /// The size, in device pixels, at which this browser shows `participant_id`'s camera;
+    /// `0 x 0` when it is not shown. The server sends the simulcast layer that fits.
+    VideoSize {
+        participant_id: String,
+        width: u32,
+        height: u32,
+    },
+    /// The participant wants no video (`enabled: true`) or wants it back.
+    AudioOnly {
+        enabled: bool,
+    },
+    /// Restart ICE on the subscribe connection; a new `subscribe_offer` follows.
+    IceRestart,
 }
 
 const CLIENT_TYPES: &[&str] = &[
@@ -70,6 +83,9 @@ const CLIENT_TYPES: &[&str] = &[
     "end_session",
     "leave",
     "ping",
+    "video_size",
+    "audio_only",
+    "ice_restart",
 ];
 
 impl ClientMsg {
@@ -136,6 +152,40 @@ pub struct IceServerView {
     pub credential: String,
 }
 
+/// One participant's connection as the server sees it, for the therapist's panel.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct QualityView {
+    pub participant_id: ParticipantId,
+    pub bitrate_in_kbps: Option<u64>,
+    pub bitrate_out_kbps: Option<u64>,
+    pub loss_in: Option<f32>,
+    pub loss_out: Option<f32>,
+    pub rtt_ms: Option<u64>,
+    /// The best layer the participant receives: "high", "medium", "low", or null.
+    pub layer: Option<&'static str>,
+    /// "video" or "audio_only".
+    pub modality: &'static str,
+}
+
+impl From<&sfu::ParticipantQuality> for QualityView {
+    fn from(q: &sfu::ParticipantQuality) -> Self {
+        QualityView {
+            participant_id: q.participant.clone(),
+            bitrate_in_kbps: q.bitrate_in_bps.map(|b| b / 1000),
+            bitrate_out_kbps: q.bitrate_out_bps.map(|b| b / 1000),
+            loss_in: q.loss_in,
+            loss_out: q.loss_out,
+            rtt_ms: q.rtt.map(|d| d.as_millis() as u64),
+            layer: q.layer.map(|l| l.as_str()),
+            modality: if q.audio_only.is_some() {
+                "audio_only"
+            } else {
+                "video"
+            },
+        }
+    }
+}
+
 /// A message to the browser.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -191,6 +241,20 @@ pub enum ServerMsg {
         /// them; absent for other roles.
         #[serde(skip_serializing_if = "Option::is_none")]
         credited_minutes: Option<f64>,
+    },
+    /// Who speaks now (null when nobody does).
+    ActiveSpeaker {
+        participant_id: Option<ParticipantId>,
+    },
+    /// Video to this participant paused ("audio_only") or resumed ("video"), and why:
+    /// "bandwidth" or "requested".
+    Modality {
+        modality: &'static str,
+        reason: &'static str,
+    },
+    /// Connection figures of everyone in the room; to therapists only, every few seconds.
+    Quality {
+        participants: Vec<QualityView>,
     },
     /// The server is draining for maintenance; sessions should wrap up by `deadline`.
     GoingAway {

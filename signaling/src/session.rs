@@ -15,15 +15,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use attendance::{Event, EventKind, LeaveReason, LedgerHandle};
+use attendance::{Event, EventKind, LeaveReason, LedgerHandle, Modality};
 use haven_ids::{ConnId, ParticipantId, Role, SessionId, SessionKind};
-use sfu::{PcSide, RoomEvent, RoomHandle, Sfu};
+use sfu::{AudioOnlyReason, PcSide, RoomEvent, RoomHandle, Sfu};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ErrorCode, SignalError};
+use crate::metrics::Metrics;
 use crate::permission::{self, Action};
-use crate::protocol::{PeerView, ServerMsg, SessionView, TrackView, PROTOCOL_VERSION};
+use crate::protocol::{PeerView, QualityView, ServerMsg, SessionView, TrackView, PROTOCOL_VERSION};
 use crate::revocation::{RevocationList, Revoked};
 use crate::token::{Admission, AgeGroup, JoinGrant};
 use crate::turn::TurnPolicy;
@@ -91,6 +92,8 @@ pub struct SessionDeps {
     pub ledger: LedgerHandle,
     pub revocations: Arc<RevocationList>,
     pub policy: SessionPolicy,
+    /// Where rooms' connection figures go for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Where a session sends a connection's messages. Bounded: a client that stops reading
@@ -98,6 +101,18 @@ pub struct SessionDeps {
 pub type Outbox = mpsc::Sender<ServerMsg>;
 
 type Reply<T> = oneshot::Sender<Result<T, SignalError>>;
+
+/// What any admitted participant may ask of the media plane for themselves.
+#[derive(Debug)]
+pub enum MediaAction {
+    VideoSize {
+        participant_id: String,
+        width: u32,
+        height: u32,
+    },
+    AudioOnly(bool),
+    IceRestart,
+}
 
 /// What only a therapist may do.
 #[derive(Debug)]
@@ -141,6 +156,12 @@ pub enum SessionCmd {
         conn: ConnId,
         side: PcSide,
         candidate: String,
+    },
+    Media {
+        from: ParticipantId,
+        conn: ConnId,
+        action: MediaAction,
+        reply: Reply<()>,
     },
     /// The participant said `leave`.
     Leave {
@@ -195,6 +216,7 @@ pub fn spawn(grant: &JoinGrant, deps: SessionDeps) -> SessionHandle {
         ledger: deps.ledger,
         revocations: deps.revocations,
         policy: deps.policy,
+        metrics: deps.metrics,
         members: HashMap::new(),
         opened_in_ledger: false,
         ended: false,
@@ -232,6 +254,8 @@ struct Member {
     muted: bool,
     /// When the ledger recorded the admission; no later event of this stay is dated before.
     admitted_at: Option<OffsetDateTime>,
+    /// Whether the ledger's last modality for this stay is audio-only.
+    audio_only: bool,
 }
 
 struct Session {
@@ -245,6 +269,7 @@ struct Session {
     ledger: LedgerHandle,
     revocations: Arc<RevocationList>,
     policy: SessionPolicy,
+    metrics: Arc<Metrics>,
     members: HashMap<ParticipantId, Member>,
     opened_in_ledger: bool,
     /// Ended by a therapist: nobody joins again, even after this actor closes and reopens.
@@ -287,6 +312,7 @@ impl Session {
                 }
             }
         }
+        self.metrics.remove_session(&self.id);
         tracing::info!(session_id = %self.id, "session closed");
     }
 
@@ -462,6 +488,18 @@ impl Session {
                     self.room.remote_candidate(from, side, candidate).await;
                 }
             }
+            SessionCmd::Media {
+                from,
+                conn,
+                action,
+                reply,
+            } => {
+                let res = match self.admitted(&from, conn) {
+                    Ok(()) => self.media_action(from, action).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(res);
+            }
             SessionCmd::Leave { who, conn, reply } => {
                 let mut credited = None;
                 if let Ok(m) = self.member_of(&who, conn) {
@@ -556,6 +594,7 @@ impl Session {
             media_flowing: false,
             media_ever: false,
             muted: false,
+            audio_only: false,
             admitted_at: None,
         };
         self.members.insert(who.clone(), member);
@@ -632,6 +671,10 @@ impl Session {
                 // gap until the new media flows is not credited.
                 self.room.remove_participant(who.clone()).await;
                 self.room.add_participant(who.clone()).await?;
+                // The room starts the new connections with video; so does the ledger. The
+                // browser asks for audio only again if it still wants it.
+                self.record_modality(who, false, OffsetDateTime::now_utc())
+                    .await;
                 self.send_joined(who, true);
             }
         }
@@ -1072,8 +1115,117 @@ impl Session {
         }
     }
 
+    async fn media_action(
+        &mut self,
+        from: ParticipantId,
+        action: MediaAction,
+    ) -> Result<(), SignalError> {
+        match action {
+            MediaAction::VideoSize {
+                participant_id,
+                width,
+                height,
+            } => {
+                let publisher = ParticipantId::parse(&participant_id)
+                    .ok()
+                    .filter(|p| self.members.contains_key(p))
+                    .ok_or_else(|| {
+                        SignalError::new(
+                            ErrorCode::UnknownParticipant,
+                            "No such participant in this session.",
+                        )
+                    })?;
+                // Larger than any screen is a mistake; clamp rather than refuse.
+                let (width, height) = (width.min(16_384), height.min(16_384));
+                self.room
+                    .set_video_size(from, publisher, width, height)
+                    .await;
+            }
+            MediaAction::AudioOnly(enabled) => self.room.set_audio_only(from, enabled).await,
+            MediaAction::IceRestart => self.room.restart_ice(from).await,
+        }
+        Ok(())
+    }
+
+    /// Writes a modality change to the ledger when it differs from the last one written for
+    /// this stay.
+    async fn record_modality(&mut self, who: &ParticipantId, audio_only: bool, at: OffsetDateTime) {
+        let Some(m) = self
+            .members
+            .get(who)
+            .filter(|m| m.stage == Stage::Admitted && m.audio_only != audio_only)
+        else {
+            return;
+        };
+        let role = m.role;
+        let modality = if audio_only {
+            Modality::AudioOnly
+        } else {
+            Modality::Video
+        };
+        let at = m.admitted_at.map_or(at, |a| a.max(at));
+        if self
+            .record(
+                Some((who, role)),
+                EventKind::ModalityChanged { modality },
+                at,
+            )
+            .await
+            .is_ok()
+        {
+            if let Some(m) = self.members.get_mut(who) {
+                m.audio_only = audio_only;
+            }
+        }
+    }
+
     async fn room_event(&mut self, ev: RoomEvent) {
         match ev {
+            RoomEvent::ModalityChanged {
+                participant,
+                audio_only,
+                reason,
+                at,
+            } => {
+                self.record_modality(&participant, audio_only, at.into())
+                    .await;
+                self.send_to(
+                    &participant,
+                    ServerMsg::Modality {
+                        modality: if audio_only { "audio_only" } else { "video" },
+                        reason: match reason {
+                            AudioOnlyReason::Bandwidth => "bandwidth",
+                            AudioOnlyReason::Requested => "requested",
+                        },
+                    },
+                );
+            }
+            RoomEvent::ActiveSpeaker { participant } => {
+                for (id, m) in &self.members {
+                    if m.stage == Stage::Admitted {
+                        self.send_to(
+                            id,
+                            ServerMsg::ActiveSpeaker {
+                                participant_id: participant.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+            RoomEvent::Quality(report) => {
+                self.metrics.update_session(&self.id, &report);
+                let participants: Vec<QualityView> = report.iter().map(QualityView::from).collect();
+                for (id, m) in &self.members {
+                    if m.stage == Stage::Admitted && m.role == Role::Therapist {
+                        self.send_to(
+                            id,
+                            ServerMsg::Quality {
+                                participants: participants.clone(),
+                            },
+                        );
+                    }
+                }
+            }
             RoomEvent::SubscribeOffer {
                 participant,
                 negotiation,

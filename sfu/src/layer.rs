@@ -1,0 +1,505 @@
+//! Simulcast layers and the choice, per subscriber, of which layer of each video to send.
+//!
+//! A publisher's camera arrives in up to three layers. For each subscriber the room runs an
+//! [`Allocator`] every [`ALLOCATION_INTERVAL`]: it takes the subscriber's bandwidth estimate
+//! (send-side, from transport-wide congestion control feedback), subtracts what audio needs,
+//! and gives each video the best layer that fits both the remaining budget and the size at
+//! which the subscriber shows that video. Videos shown larger are served first. When not
+//! even the lowest layer of any shown video fits, video to the subscriber pauses and audio
+//! carries on: the subscriber is audio-only until the estimate recovers.
+//!
+//! Going down happens at once, going up only when the budget has room to spare
+//! ([`UPGRADE_HEADROOM`]) and not sooner than [`UPGRADE_HOLD`] after the last change, so a
+//! noisy estimate does not make the picture flap between layers.
+
+use std::time::{Duration, Instant};
+
+use crate::forward::Want;
+
+/// How often each subscriber's layers are chosen again.
+pub const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The share of the estimate the allocator plans to use; the rest absorbs bursts such as
+/// keyframes and retransmissions.
+pub const ESTIMATE_SHARE: f64 = 0.9;
+
+/// A higher layer (or leaving audio-only) needs this much more budget than its bitrate.
+pub const UPGRADE_HEADROOM: f64 = 1.25;
+
+/// The shortest time between two upgrades for one subscriber. Downgrades are never held.
+pub const UPGRADE_HOLD: Duration = Duration::from_secs(2);
+
+/// What one Opus stream is assumed to need, including RTP and SRTP overhead.
+pub const AUDIO_BPS: u64 = 48_000;
+
+/// A layer that sent nothing for this long is treated as gone (a publisher whose own uplink
+/// is weak stops sending its upper layers).
+pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
+
+/// One simulcast layer of a video. Tracks without simulcast have one layer, `High`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Layer {
+    Low,
+    Medium,
+    High,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 3] = [Layer::Low, Layer::Medium, Layer::High];
+
+    /// The layer a well-known rid names: `q`/`h`/`f` (quarter, half, full), `l`/`m`/`h`
+    /// is ambiguous with the first and is not used; `0`/`1`/`2` lowest first.
+    pub fn from_known_rid(rid: &str) -> Option<Layer> {
+        match rid {
+            "q" | "0" | "low" => Some(Layer::Low),
+            "h" | "1" | "mid" | "medium" => Some(Layer::Medium),
+            "f" | "2" | "high" | "full" => Some(Layer::High),
+            _ => None,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Low => "low",
+            Layer::Medium => "medium",
+            Layer::High => "high",
+        }
+    }
+}
+
+/// Assigns layers to the rids of one `a=simulcast:send` list: well-known names by their
+/// meaning, any others in the order listed, lowest first (the order browsers are given
+/// their encodings in).
+pub fn layers_for_rids(rids: &[String]) -> Vec<(String, Layer)> {
+    let mut out: Vec<(String, Layer)> = Vec::new();
+    let mut free: Vec<Layer> = Layer::ALL.to_vec();
+    for rid in rids {
+        if let Some(l) = Layer::from_known_rid(rid) {
+            if free.contains(&l) {
+                free.retain(|f| *f != l);
+                out.push((rid.clone(), l));
+            }
+        }
+    }
+    for rid in rids {
+        if out.iter().any(|(r, _)| r == rid) {
+            continue;
+        }
+        if free.is_empty() {
+            break;
+        }
+        out.push((rid.clone(), free.remove(0)));
+    }
+    out
+}
+
+/// The bitrate of one incoming layer, measured over windows of about a second.
+#[derive(Debug, Default, Clone)]
+pub struct RateMeter {
+    window_start: Option<Instant>,
+    window_bytes: u64,
+    bps: Option<u64>,
+    last_packet: Option<Instant>,
+}
+
+const RATE_WINDOW: Duration = Duration::from_millis(1000);
+
+impl RateMeter {
+    pub fn on_packet(&mut self, now: Instant, bytes: usize) {
+        self.last_packet = Some(now);
+        let start = *self.window_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= RATE_WINDOW {
+            let bps = self.window_bytes * 8 * 1_000_000 / elapsed.as_micros().max(1) as u64;
+            // Smooth over windows so one keyframe does not double a layer's rate.
+            self.bps = Some(match self.bps {
+                Some(old) => (old * 3 + bps) / 4,
+                None => bps,
+            });
+            self.window_start = Some(now);
+            self.window_bytes = 0;
+        }
+        self.window_bytes += bytes as u64;
+    }
+
+    /// The layer's bitrate, or `None` while unmeasured or after it went idle.
+    pub fn bitrate(&self, now: Instant) -> Option<u64> {
+        let last = self.last_packet?;
+        if now.saturating_duration_since(last) > LAYER_IDLE {
+            return None;
+        }
+        Some(self.bps.unwrap_or_else(|| {
+            // Before the first full window: what arrived so far, scaled to a second.
+            let start = self.window_start.unwrap_or(last);
+            let elapsed = last.saturating_duration_since(start).max(RATE_WINDOW / 4);
+            self.window_bytes * 8 * 1_000_000 / elapsed.as_micros().max(1) as u64
+        }))
+    }
+}
+
+/// A layer a subscriber could be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerOption {
+    pub layer: Layer,
+    pub bps: u64,
+    /// Width and height of the layer's pictures, when a keyframe told them.
+    pub size: Option<(u32, u32)>,
+}
+
+/// One video the subscriber receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VideoNeed {
+    /// The publisher's active layers, lowest first. Empty when nothing arrives.
+    pub layers: Vec<LayerOption>,
+    /// The size the subscriber shows the video at; `None` until told, `(0, 0)` when hidden.
+    pub display: Option<(u32, u32)>,
+}
+
+/// Why a subscriber receives no video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AudioOnlyReason {
+    /// The participant asked for audio only.
+    Requested,
+    /// Not even the lowest layer fits the bandwidth estimate.
+    Bandwidth,
+}
+
+/// The outcome of one allocation round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// One entry per [`VideoNeed`], in the same order.
+    pub wants: Vec<Want>,
+    /// Set when the subscriber receives no video at all although some is shown.
+    pub audio_only: Option<AudioOnlyReason>,
+    /// The bitrate the allocation would like to send, for the estimator's probing.
+    pub desired_bps: u64,
+    /// The bitrate of what was allocated.
+    pub allocated_bps: u64,
+}
+
+/// Per subscriber: the last decision and when it last went up.
+#[derive(Debug, Default)]
+pub struct Allocator {
+    last: Vec<Want>,
+    last_upgrade: Option<Instant>,
+    audio_only: Option<AudioOnlyReason>,
+}
+
+impl Allocator {
+    /// Chooses a layer for each video. `estimate_bps` is `None` while no estimate exists;
+    /// then only the display sizes limit what is sent.
+    pub fn allocate(
+        &mut self,
+        now: Instant,
+        estimate_bps: Option<u64>,
+        audio_streams: usize,
+        requested_audio_only: bool,
+        needs: &[VideoNeed],
+    ) -> Allocation {
+        if requested_audio_only {
+            self.last = vec![Want::Paused; needs.len()];
+            self.audio_only = Some(AudioOnlyReason::Requested);
+            return Allocation {
+                wants: self.last.clone(),
+                audio_only: self.audio_only,
+                desired_bps: 0,
+                allocated_bps: 0,
+            };
+        }
+        if self.last.len() != needs.len() {
+            self.last.resize(needs.len(), Want::Paused);
+        }
+        let may_upgrade = self
+            .last_upgrade
+            .is_none_or(|t| now.saturating_duration_since(t) >= UPGRADE_HOLD);
+
+        let audio = AUDIO_BPS * audio_streams as u64;
+        let mut budget =
+            estimate_bps.map(|e| ((e as f64 * ESTIMATE_SHARE) as u64).saturating_sub(audio));
+
+        // Larger shown videos first; unknown sizes count as large.
+        let mut order: Vec<usize> = (0..needs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(display_area(needs[i].display)));
+
+        let mut wants = vec![Want::Paused; needs.len()];
+        let mut shown = 0;
+        let mut starved = 0;
+        let mut desired = 0;
+        let mut allocated = 0;
+        let mut upgraded = false;
+        for i in order {
+            let need = &needs[i];
+            if need.display == Some((0, 0)) || need.layers.is_empty() {
+                continue;
+            }
+            shown += 1;
+            let cap = size_cap(need);
+            desired += need
+                .layers
+                .iter()
+                .filter(|l| l.layer <= cap)
+                .map(|l| l.bps)
+                .max()
+                .unwrap_or(0);
+            let previous = self.last[i];
+            let fits = |l: &LayerOption, budget: Option<u64>| -> bool {
+                let Some(b) = budget else { return true };
+                let up = match previous {
+                    Want::Paused => true,
+                    Want::Layer(p) => l.layer > p,
+                };
+                let needed = if up {
+                    (l.bps as f64 * UPGRADE_HEADROOM) as u64
+                } else {
+                    l.bps
+                };
+                needed <= b
+            };
+            let choice = need
+                .layers
+                .iter()
+                .rev()
+                .filter(|l| l.layer <= cap)
+                .find(|l| {
+                    let up = match previous {
+                        Want::Paused => true,
+                        Want::Layer(p) => l.layer > p,
+                    };
+                    (!up || may_upgrade || budget.is_none()) && fits(l, budget)
+                })
+                // Without room to go up, stay where we are if that still fits.
+                .or_else(|| {
+                    need.layers.iter().find(|l| {
+                        Want::Layer(l.layer) == previous && l.layer <= cap && fits(l, budget)
+                    })
+                });
+            match choice {
+                Some(l) => {
+                    wants[i] = Want::Layer(l.layer);
+                    if let Some(b) = budget.as_mut() {
+                        *b = b.saturating_sub(l.bps);
+                    }
+                    allocated += l.bps;
+                    let up = match previous {
+                        Want::Paused => true,
+                        Want::Layer(p) => l.layer > p,
+                    };
+                    upgraded |= up && previous != Want::Layer(l.layer);
+                }
+                None => starved += 1,
+            }
+        }
+
+        let audio_only = (shown > 0 && starved == shown).then_some(AudioOnlyReason::Bandwidth);
+        if upgraded && estimate_bps.is_some() {
+            self.last_upgrade = Some(now);
+        }
+        self.last = wants.clone();
+        self.audio_only = audio_only;
+        Allocation {
+            wants,
+            audio_only,
+            desired_bps: desired + audio,
+            allocated_bps: allocated + audio,
+        }
+    }
+}
+
+fn display_area(display: Option<(u32, u32)>) -> u64 {
+    match display {
+        None => u64::MAX,
+        Some((w, h)) => w as u64 * h as u64,
+    }
+}
+
+/// The highest layer worth sending for the size the video is shown at: the smallest layer
+/// at least as large as the display (within a tenth), or the top one.
+fn size_cap(need: &VideoNeed) -> Layer {
+    let top = need.layers.last().map(|l| l.layer).unwrap_or(Layer::High);
+    let Some((dw, dh)) = need.display else {
+        return top;
+    };
+    for l in &need.layers {
+        let (w, h) = match l.size {
+            Some(s) => s,
+            // Unknown picture size: assume the usual ladder under a 1280x720 top layer.
+            None => match l.layer {
+                Layer::Low => (320, 180),
+                Layer::Medium => (640, 360),
+                Layer::High => (1280, 720),
+            },
+        };
+        if w * 10 >= dw * 9 && h * 10 >= dh * 9 {
+            return l.layer;
+        }
+    }
+    top
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ladder() -> Vec<LayerOption> {
+        vec![
+            LayerOption {
+                layer: Layer::Low,
+                bps: 150_000,
+                size: Some((320, 180)),
+            },
+            LayerOption {
+                layer: Layer::Medium,
+                bps: 500_000,
+                size: Some((640, 360)),
+            },
+            LayerOption {
+                layer: Layer::High,
+                bps: 1_500_000,
+                size: Some((1280, 720)),
+            },
+        ]
+    }
+
+    fn need(display: Option<(u32, u32)>) -> VideoNeed {
+        VideoNeed {
+            layers: ladder(),
+            display,
+        }
+    }
+
+    #[test]
+    fn rids_map_to_layers_by_name_then_by_order() {
+        let rids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            layers_for_rids(&rids(&["f", "q", "h"])),
+            vec![
+                ("f".to_string(), Layer::High),
+                ("q".to_string(), Layer::Low),
+                ("h".to_string(), Layer::Medium)
+            ]
+        );
+        assert_eq!(
+            layers_for_rids(&rids(&["a", "b"])),
+            vec![
+                ("a".to_string(), Layer::Low),
+                ("b".to_string(), Layer::Medium)
+            ]
+        );
+    }
+
+    #[test]
+    fn plenty_of_bandwidth_gives_the_top_layer_unless_shown_small() {
+        let t = Instant::now();
+        let mut a = Allocator::default();
+        let out = a.allocate(
+            t,
+            Some(10_000_000),
+            1,
+            false,
+            &[need(None), need(Some((300, 170)))],
+        );
+        assert_eq!(
+            out.wants,
+            vec![Want::Layer(Layer::High), Want::Layer(Layer::Low)]
+        );
+        assert_eq!(out.audio_only, None);
+        // A video shown at 0x0 (hidden) is not sent at all, and is not audio-only.
+        let out = a.allocate(t, Some(10_000_000), 1, false, &[need(Some((0, 0)))]);
+        assert_eq!(out.wants, vec![Want::Paused]);
+        assert_eq!(out.audio_only, None);
+    }
+
+    #[test]
+    fn a_cap_below_the_top_layer_gives_a_lower_one_and_larger_videos_first() {
+        let t = Instant::now();
+        let mut a = Allocator::default();
+        // 900 kbit/s: after audio, room for one medium (500) and one low (150).
+        let out = a.allocate(
+            t,
+            Some(900_000),
+            2,
+            false,
+            &[need(Some((320, 180))), need(Some((1280, 720)))],
+        );
+        assert_eq!(
+            out.wants,
+            vec![Want::Layer(Layer::Low), Want::Layer(Layer::Medium)]
+        );
+    }
+
+    #[test]
+    fn too_little_for_the_lowest_layer_means_audio_only_and_it_comes_back_with_headroom() {
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let mut a = Allocator::default();
+        let out = a.allocate(s(0), Some(150_000), 1, false, &[need(None)]);
+        assert_eq!(out.wants, vec![Want::Paused]);
+        assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
+        assert!(out.desired_bps > 1_500_000, "probes for the top layer");
+
+        // Just enough for the low layer, but not with headroom: still audio-only.
+        let out = a.allocate(s(1), Some(260_000), 1, false, &[need(None)]);
+        assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
+        // With headroom, video returns at the low layer.
+        let out = a.allocate(s(3), Some(300_000), 1, false, &[need(None)]);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
+        assert_eq!(out.audio_only, None);
+    }
+
+    #[test]
+    fn downgrades_are_immediate_upgrades_wait_for_the_hold() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut a = Allocator::default();
+        let n = [need(None)];
+        assert_eq!(
+            a.allocate(ms(0), Some(5_000_000), 1, false, &n).wants,
+            vec![Want::Layer(Layer::High)]
+        );
+        assert_eq!(
+            a.allocate(ms(500), Some(800_000), 1, false, &n).wants,
+            vec![Want::Layer(Layer::Medium)]
+        );
+        // The estimate recovers at once, but the upgrade waits for the hold.
+        assert_eq!(
+            a.allocate(ms(1000), Some(5_000_000), 1, false, &n).wants,
+            vec![Want::Layer(Layer::Medium)]
+        );
+        assert_eq!(
+            a.allocate(ms(2000), Some(5_000_000), 1, false, &n).wants,
+            vec![Want::Layer(Layer::High)]
+        );
+    }
+
+    #[test]
+    fn requested_audio_only_pauses_everything() {
+        let mut a = Allocator::default();
+        let out = a.allocate(Instant::now(), None, 1, true, &[need(None), need(None)]);
+        assert_eq!(out.wants, vec![Want::Paused, Want::Paused]);
+        assert_eq!(out.audio_only, Some(AudioOnlyReason::Requested));
+    }
+
+    #[test]
+    fn without_an_estimate_only_the_display_limits() {
+        let mut a = Allocator::default();
+        let out = a.allocate(Instant::now(), None, 1, false, &[need(Some((640, 360)))]);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Medium)]);
+    }
+
+    #[test]
+    fn rate_meter_measures_and_forgets_idle_layers() {
+        let t0 = Instant::now();
+        let mut m = RateMeter::default();
+        // 100 packets of 1250 bytes a second = 1 Mbit/s.
+        for i in 0..=300u64 {
+            m.on_packet(t0 + Duration::from_millis(i * 10), 1250);
+        }
+        let bps = m.bitrate(t0 + Duration::from_secs(3)).expect("measured");
+        assert!((900_000..1_100_000).contains(&bps), "{bps}");
+        assert_eq!(m.bitrate(t0 + Duration::from_secs(5)), None);
+    }
+}
