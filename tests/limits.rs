@@ -600,3 +600,48 @@ async fn a_request_whose_headers_never_finish_is_closed() {
     .await;
     assert_eq!(closed, Ok(true), "the connection was closed");
 }
+
+/// A publish offer whose video section names only a codec Haven does not forward.
+fn offer_with_video_codec(rtpmap: &str, fmtp: Option<&str>) -> String {
+    let mut sdp = String::from(
+        "v=0\r\no=- 4611731400430051336 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+         a=group:BUNDLE 0\r\na=msid-semantic: WMS\r\n\
+         m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n\
+         a=ice-ufrag:Abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=ice-options:trickle\r\n\
+         a=fingerprint:sha-256 12:34:56:78:9A:BC:DE:F0:12:34:56:78:9A:BC:DE:F0:12:34:56:78:9A:BC:DE:F0:12:34:56:78:9A:BC:DE:F0\r\n\
+         a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=rtcp-mux\r\na=rtcp-rsize\r\n",
+    );
+    sdp.push_str(&format!("a=rtpmap:96 {rtpmap}\r\n"));
+    if let Some(f) = fmtp {
+        sdp.push_str(&format!("a=fmtp:96 {f}\r\n"));
+    }
+    sdp.push_str("a=ssrc:1234 cname:c-01\r\n");
+    sdp
+}
+
+#[tokio::test]
+async fn a_publisher_with_no_codec_in_common_gets_no_common_codec() {
+    let server = Server::start();
+    let mut t = Signal::connect(&server).await;
+    t.join(&server.token("sess-codec", "therapist", "t-cd-01", &[]))
+        .await;
+    t.expect("joined").await;
+
+    // A made-up codec: refused with its own code, and the socket stays usable.
+    t.send(json!({"type": "publish_offer", "sdp": offer_with_video_codec("X-NOPE/90000", None)}))
+        .await;
+    let e = t.expect("error").await;
+    assert_eq!(e["code"], "no_common_codec", "{e}");
+    assert!(e["message"].as_str().unwrap_or_default().contains("video"));
+
+    // H.264 at a higher level than Haven's own (5.2 instead of 3.1), constrained baseline:
+    // matched on the profile, so it is accepted.
+    let h264 = offer_with_video_codec(
+        "H264/90000",
+        Some("level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e034"),
+    );
+    t.send(json!({"type": "publish_offer", "sdp": h264})).await;
+    let answer = t.expect("publish_answer").await;
+    let sdp = answer["sdp"].as_str().unwrap_or_default();
+    assert!(sdp.contains("H264/90000"), "H.264 accepted: {sdp}");
+}
