@@ -29,6 +29,18 @@ pub const UPGRADE_HEADROOM: f64 = 1.25;
 /// The shortest time between two upgrades for one subscriber. Downgrades are never held.
 pub const UPGRADE_HOLD: Duration = Duration::from_secs(2);
 
+/// Loss reported by a subscriber at or above which a too-low estimate pauses video.
+pub const PAUSE_LOSS: f32 = 0.05;
+
+/// An estimate below this share of its recent peak means the estimator saw congestion.
+pub const CONGESTION_DROP: f64 = 0.85;
+
+/// How far back the estimate's peak is remembered.
+pub const PEAK_WINDOW: Duration = Duration::from_secs(5);
+
+/// The longest wait between two steps up.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
 /// What one Opus stream is assumed to need, including RTP and SRTP overhead.
 pub const AUDIO_BPS: u64 = 48_000;
 
@@ -179,23 +191,46 @@ pub struct Allocation {
     pub desired_bps: u64,
     /// The bitrate of what was allocated.
     pub allocated_bps: u64,
+    /// The rate to sustain, padding included, while a step up is wanted; zero otherwise.
+    pub probe_bps: u64,
 }
 
-/// Per subscriber: the last decision and when it last went up.
+/// Per subscriber: the last decision, when it last went up, and the estimate's recent peak.
 #[derive(Debug, Default)]
 pub struct Allocator {
     last: Vec<Want>,
     last_upgrade: Option<Instant>,
     audio_only: Option<AudioOnlyReason>,
+    /// The highest estimate of the last [`PEAK_WINDOW`], and when it was seen.
+    peak: Option<(u64, Instant)>,
+    /// The wait between upgrades; doubles each time an upgrade is followed by congestion.
+    backoff: Option<Duration>,
 }
 
 impl Allocator {
-    /// Chooses a layer for each video. `estimate_bps` is `None` while no estimate exists;
-    /// then only the display sizes limit what is sent.
+    /// Chooses a layer for each video.
+    ///
+    /// `estimate_bps` is `None` while no estimate exists; then only the display sizes limit
+    /// what is sent. `losing` says the subscriber reports loss of [`PAUSE_LOSS`] or more.
+    ///
+    /// An estimator learns what a link carries only from what is sent, and lags behind what
+    /// it could carry, so the estimate alone would hold a subscriber at a low layer forever.
+    /// The allocator therefore reads *congestion* (loss, or an estimate that fell well below
+    /// its recent peak, which is how the estimator answers growing delay) rather than the
+    /// estimate's size:
+    ///
+    /// - congested: every video drops to the best layer the budget covers, at once; if not
+    ///   even the lowest layer fits and the link is losing packets, video pauses
+    ///   (audio-only);
+    /// - not congested: nothing goes down, and one video steps up one layer every
+    ///   [`UPGRADE_HOLD`] (or at once, several steps, where the budget already covers it
+    ///   with [`UPGRADE_HEADROOM`]). A step followed by congestion within [`UPGRADE_HOLD`]
+    ///   doubles the wait before the next one, up to [`MAX_BACKOFF`].
     pub fn allocate(
         &mut self,
         now: Instant,
         estimate_bps: Option<u64>,
+        losing: bool,
         audio_streams: usize,
         requested_audio_only: bool,
         needs: &[VideoNeed],
@@ -208,18 +243,38 @@ impl Allocator {
                 audio_only: self.audio_only,
                 desired_bps: 0,
                 allocated_bps: 0,
+                probe_bps: 0,
             };
         }
         if self.last.len() != needs.len() {
             self.last.resize(needs.len(), Want::Paused);
         }
-        let may_upgrade = self
-            .last_upgrade
-            .is_none_or(|t| now.saturating_duration_since(t) >= UPGRADE_HOLD);
+        if self.audio_only == Some(AudioOnlyReason::Requested) {
+            self.audio_only = None;
+        }
+
+        if let Some(e) = estimate_bps {
+            let stale = self
+                .peak
+                .is_none_or(|(p, at)| e >= p || now.saturating_duration_since(at) > PEAK_WINDOW);
+            if stale {
+                self.peak = Some((e, now));
+            }
+        }
+        let congested = estimate_bps.is_some()
+            && (losing
+                || estimate_bps
+                    .zip(self.peak)
+                    .is_some_and(|(e, (p, _))| (e as f64) < p as f64 * CONGESTION_DROP));
+        let hold = self.backoff.unwrap_or(UPGRADE_HOLD);
+        let since_upgrade = self.last_upgrade.map(|t| now.saturating_duration_since(t));
+        let may_step = !congested && since_upgrade.is_none_or(|d| d >= hold);
+        let mut stepped = false;
 
         let audio = AUDIO_BPS * audio_streams as u64;
         let mut budget =
             estimate_bps.map(|e| ((e as f64 * ESTIMATE_SHARE) as u64).saturating_sub(audio));
+        let staying_audio_only = self.audio_only == Some(AudioOnlyReason::Bandwidth);
 
         // Larger shown videos first; unknown sizes count as large.
         let mut order: Vec<usize> = (0..needs.len()).collect();
@@ -231,6 +286,8 @@ impl Allocator {
         let mut desired = 0;
         let mut allocated = 0;
         let mut upgraded = false;
+        let mut downgraded = false;
+        let mut next_step: Option<u64> = None;
         for i in order {
             let need = &needs[i];
             if need.display == Some((0, 0)) || need.layers.is_empty() {
@@ -238,45 +295,55 @@ impl Allocator {
             }
             shown += 1;
             let cap = size_cap(need);
-            desired += need
-                .layers
-                .iter()
-                .filter(|l| l.layer <= cap)
-                .map(|l| l.bps)
-                .max()
-                .unwrap_or(0);
-            let previous = self.last[i];
-            let fits = |l: &LayerOption, budget: Option<u64>| -> bool {
-                let Some(b) = budget else { return true };
-                let up = match previous {
-                    Want::Paused => true,
-                    Want::Layer(p) => l.layer > p,
-                };
-                let needed = if up {
-                    (l.bps as f64 * UPGRADE_HEADROOM) as u64
-                } else {
-                    l.bps
-                };
-                needed <= b
+            let under_cap: Vec<&LayerOption> =
+                need.layers.iter().filter(|l| l.layer <= cap).collect();
+            let Some(lowest) = under_cap.first().copied().or(need.layers.first()) else {
+                continue;
             };
-            let choice = need
-                .layers
-                .iter()
-                .rev()
-                .filter(|l| l.layer <= cap)
-                .find(|l| {
-                    let up = match previous {
-                        Want::Paused => true,
-                        Want::Layer(p) => l.layer > p,
-                    };
-                    (!up || may_upgrade || budget.is_none()) && fits(l, budget)
-                })
-                // Without room to go up, stay where we are if that still fits.
-                .or_else(|| {
-                    need.layers.iter().find(|l| {
-                        Want::Layer(l.layer) == previous && l.layer <= cap && fits(l, budget)
-                    })
-                });
+            desired += under_cap.last().map_or(lowest.bps, |l| l.bps);
+            let previous = match self.last[i] {
+                Want::Layer(l) => need.layers.iter().find(|o| o.layer == l.min(cap)),
+                Want::Paused => None,
+            };
+
+            // What the budget covers: staying needs the bitrate, going up needs headroom.
+            let covered = |l: &LayerOption| -> bool {
+                let Some(b) = budget else { return true };
+                let up = previous.is_none_or(|p| l.layer > p.layer);
+                let factor = if up { UPGRADE_HEADROOM } else { 1.0 };
+                (l.bps as f64 * factor) as u64 <= b
+            };
+            let by_budget = under_cap.iter().rev().copied().find(|l| covered(l));
+
+            let choice = match (previous, by_budget) {
+                // Audio-only stays until the budget covers the lowest layer with headroom.
+                (None, _) if staying_audio_only => by_budget,
+                // Nothing fits: with loss, pause; without, the lowest layer.
+                (_, None) if losing => None,
+                (_, None) => Some(lowest),
+                (Some(p), Some(b)) if b.layer < p.layer && !congested => Some(p),
+                (Some(p), Some(b)) if b.layer <= p.layer => Some(b),
+                (Some(p), Some(b)) if since_upgrade.is_some_and(|d| d < hold) => {
+                    // Covered, but too soon after the last step: stay.
+                    let _ = b;
+                    Some(p)
+                }
+                (_, Some(b)) => Some(b),
+            };
+            // Not congested and the budget does not reach higher: one step on trial.
+            let choice = match choice {
+                Some(c) if may_step && !stepped && previous.is_some_and(|p| p.layer == c.layer) => {
+                    match under_cap.iter().copied().find(|l| l.layer > c.layer) {
+                        Some(next) => {
+                            stepped = true;
+                            Some(next)
+                        }
+                        None => Some(c),
+                    }
+                }
+                other => other,
+            };
+
             match choice {
                 Some(l) => {
                     wants[i] = Want::Layer(l.layer);
@@ -284,27 +351,64 @@ impl Allocator {
                         *b = b.saturating_sub(l.bps);
                     }
                     allocated += l.bps;
-                    let up = match previous {
-                        Want::Paused => true,
-                        Want::Layer(p) => l.layer > p,
-                    };
-                    upgraded |= up && previous != Want::Layer(l.layer);
+                    match previous {
+                        None => upgraded = true,
+                        Some(p) if l.layer > p.layer => upgraded = true,
+                        Some(p) if l.layer < p.layer => downgraded = true,
+                        _ => {}
+                    }
                 }
-                None => starved += 1,
+                None => {
+                    starved += 1;
+                    downgraded |= previous.is_some();
+                }
+            }
+            // The first video below its cap names the next step, which padding makes room
+            // for so the estimator can see whether the link carries it.
+            if next_step.is_none() {
+                let current = wants[i];
+                let next = under_cap.iter().find(|l| match current {
+                    Want::Layer(c) => l.layer > c,
+                    Want::Paused => true,
+                });
+                if let Some(next) = next {
+                    let sent = match current {
+                        Want::Layer(c) => need
+                            .layers
+                            .iter()
+                            .find(|l| l.layer == c)
+                            .map_or(0, |l| l.bps),
+                        Want::Paused => 0,
+                    };
+                    next_step = Some(next.bps.saturating_sub(sent));
+                }
             }
         }
 
-        let audio_only = (shown > 0 && starved == shown).then_some(AudioOnlyReason::Bandwidth);
+        if downgraded && congested && since_upgrade.is_some_and(|d| d < hold * 2) {
+            // The last step up did not hold: wait twice as long before the next.
+            self.backoff = Some(hold.saturating_mul(2).min(MAX_BACKOFF));
+        } else if since_upgrade.is_some_and(|d| d >= hold * 2) && !congested {
+            self.backoff = None;
+        }
         if upgraded && estimate_bps.is_some() {
             self.last_upgrade = Some(now);
         }
+
+        let audio_only = (shown > 0 && starved == shown).then_some(AudioOnlyReason::Bandwidth);
         self.last = wants.clone();
         self.audio_only = audio_only;
+        let desired_bps =
+            ((desired as f64 * UPGRADE_HEADROOM + audio as f64) / ESTIMATE_SHARE) as u64;
+        let probe_bps = next_step.map_or(0, |step| {
+            (((allocated + step) as f64 * UPGRADE_HEADROOM + audio as f64) / ESTIMATE_SHARE) as u64
+        });
         Allocation {
             wants,
             audio_only,
-            desired_bps: desired + audio,
+            desired_bps,
             allocated_bps: allocated + audio,
+            probe_bps,
         }
     }
 }
@@ -398,6 +502,7 @@ mod tests {
         let out = a.allocate(
             t,
             Some(10_000_000),
+            false,
             1,
             false,
             &[need(None), need(Some((300, 170)))],
@@ -408,7 +513,7 @@ mod tests {
         );
         assert_eq!(out.audio_only, None);
         // A video shown at 0x0 (hidden) is not sent at all, and is not audio-only.
-        let out = a.allocate(t, Some(10_000_000), 1, false, &[need(Some((0, 0)))]);
+        let out = a.allocate(t, Some(10_000_000), true, 1, false, &[need(Some((0, 0)))]);
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, None);
     }
@@ -421,6 +526,7 @@ mod tests {
         let out = a.allocate(
             t,
             Some(900_000),
+            true,
             2,
             false,
             &[need(Some((320, 180))), need(Some((1280, 720)))],
@@ -436,16 +542,16 @@ mod tests {
         let t0 = Instant::now();
         let s = |n| t0 + Duration::from_secs(n);
         let mut a = Allocator::default();
-        let out = a.allocate(s(0), Some(150_000), 1, false, &[need(None)]);
+        let out = a.allocate(s(0), Some(150_000), true, 1, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
         assert!(out.desired_bps > 1_500_000, "probes for the top layer");
 
         // Just enough for the low layer, but not with headroom: still audio-only.
-        let out = a.allocate(s(1), Some(260_000), 1, false, &[need(None)]);
+        let out = a.allocate(s(1), Some(260_000), false, 1, false, &[need(None)]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
         // With headroom, video returns at the low layer.
-        let out = a.allocate(s(3), Some(300_000), 1, false, &[need(None)]);
+        let out = a.allocate(s(3), Some(300_000), false, 1, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
     }
@@ -457,28 +563,86 @@ mod tests {
         let mut a = Allocator::default();
         let n = [need(None)];
         assert_eq!(
-            a.allocate(ms(0), Some(5_000_000), 1, false, &n).wants,
+            a.allocate(ms(0), Some(5_000_000), false, 1, false, &n)
+                .wants,
             vec![Want::Layer(Layer::High)]
         );
         assert_eq!(
-            a.allocate(ms(500), Some(800_000), 1, false, &n).wants,
+            a.allocate(ms(500), Some(800_000), false, 1, false, &n)
+                .wants,
             vec![Want::Layer(Layer::Medium)]
         );
         // The estimate recovers at once, but the upgrade waits for the hold.
         assert_eq!(
-            a.allocate(ms(1000), Some(5_000_000), 1, false, &n).wants,
+            a.allocate(ms(1000), Some(5_000_000), false, 1, false, &n)
+                .wants,
+            vec![Want::Layer(Layer::Medium)]
+        );
+        // The step up at 0 ms was followed by congestion, so the next waits twice the hold.
+        assert_eq!(
+            a.allocate(ms(2000), Some(5_000_000), false, 1, false, &n)
+                .wants,
             vec![Want::Layer(Layer::Medium)]
         );
         assert_eq!(
-            a.allocate(ms(2000), Some(5_000_000), 1, false, &n).wants,
+            a.allocate(ms(4000), Some(5_000_000), false, 1, false, &n)
+                .wants,
             vec![Want::Layer(Layer::High)]
         );
     }
 
     #[test]
+    fn a_low_estimate_without_loss_gives_the_lowest_layer_not_a_pause() {
+        let mut a = Allocator::default();
+        let out = a.allocate(
+            Instant::now(),
+            Some(150_000),
+            false,
+            1,
+            false,
+            &[need(None)],
+        );
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
+        assert_eq!(out.audio_only, None);
+        // With loss it pauses.
+        let out = a.allocate(Instant::now(), Some(150_000), true, 1, false, &[need(None)]);
+        assert_eq!(out.wants, vec![Want::Paused]);
+        assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
+    }
+
+    #[test]
+    fn without_congestion_layers_step_up_on_trial_and_a_failed_step_backs_off() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut a = Allocator::default();
+        let n = [need(None)];
+        let mut at = |t, est, losing| a.allocate(ms(t), Some(est), losing, 1, false, &n).wants;
+        // 300 kbit/s: the low layer (150) fits, medium (500) does not.
+        assert_eq!(at(0, 300_000, false), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(1_000, 300_000, false), vec![Want::Layer(Layer::Low)]);
+        // No congestion after the hold: one step up, although the estimate lags behind.
+        assert_eq!(at(2_000, 300_000, false), vec![Want::Layer(Layer::Medium)]);
+        // Kept while nothing says the link is congested.
+        assert_eq!(at(3_000, 320_000, false), vec![Want::Layer(Layer::Medium)]);
+        // Loss: back to what the budget covers at once, and the next step waits 4 s.
+        assert_eq!(at(4_000, 300_000, true), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(5_000, 300_000, false), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(6_000, 300_000, false), vec![Want::Layer(Layer::Medium)]);
+        // An estimate falling well below its recent peak is congestion too.
+        assert_eq!(at(6_500, 250_000, false), vec![Want::Layer(Layer::Low)]);
+    }
+
+    #[test]
     fn requested_audio_only_pauses_everything() {
         let mut a = Allocator::default();
-        let out = a.allocate(Instant::now(), None, 1, true, &[need(None), need(None)]);
+        let out = a.allocate(
+            Instant::now(),
+            None,
+            false,
+            1,
+            true,
+            &[need(None), need(None)],
+        );
         assert_eq!(out.wants, vec![Want::Paused, Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Requested));
     }
@@ -486,7 +650,14 @@ mod tests {
     #[test]
     fn without_an_estimate_only_the_display_limits() {
         let mut a = Allocator::default();
-        let out = a.allocate(Instant::now(), None, 1, false, &[need(Some((640, 360)))]);
+        let out = a.allocate(
+            Instant::now(),
+            None,
+            false,
+            1,
+            false,
+            &[need(Some((640, 360)))],
+        );
         assert_eq!(out.wants, vec![Want::Layer(Layer::Medium)]);
     }
 

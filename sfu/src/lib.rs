@@ -25,6 +25,8 @@ mod forward;
 mod keyframe;
 mod layer;
 mod room;
+#[doc(hidden)]
+pub mod sim;
 mod socket;
 mod speaker;
 mod tcp;

@@ -31,7 +31,7 @@ use crate::keyframe::{
 };
 use crate::layer::{
     layers_for_rids, Allocator, AudioOnlyReason, Layer, LayerOption, RateMeter, VideoNeed,
-    ALLOCATION_INTERVAL,
+    ALLOCATION_INTERVAL, PAUSE_LOSS,
 };
 use crate::speaker::{LevelMeter, SpeakerTracker, SPEAKER_INTERVAL};
 use crate::tcp::TcpWriter;
@@ -55,6 +55,10 @@ const KEYFRAME_RETRY: Duration = Duration::from_millis(250);
 /// The longest the task sleeps; str0m asks for shorter timeouts whenever it needs them.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
+/// While a subscriber could take a higher layer than the estimate allows, the estimator is
+/// asked to probe for it this often.
+const PROBE_INTERVAL: Duration = Duration::from_secs(3);
+
 /// How often each participant's connection figures are gathered and reported.
 pub const QUALITY_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -66,9 +70,21 @@ pub(crate) trait PcIds: Send + Sync {
     fn next_pc_id(&self) -> PcId;
 }
 
+/// Where a room's UDP datagrams go: the media socket, or a simulation's wire.
+pub(crate) trait Egress: Send + Sync {
+    /// Sends without waiting; a full buffer loses the datagram, as the network would.
+    fn send_to(&self, data: &[u8], to: SocketAddr);
+}
+
+impl Egress for UdpSocket {
+    fn send_to(&self, data: &[u8], to: SocketAddr) {
+        let _ = self.try_send_to(data, to);
+    }
+}
+
 pub(crate) struct RoomContext {
     pub session: SessionId,
-    pub socket: Arc<UdpSocket>,
+    pub socket: Arc<dyn Egress>,
     pub advertised: SocketAddr,
     pub demux: mpsc::UnboundedSender<DemuxControl>,
     pub next_pc: Arc<dyn PcIds>,
@@ -217,6 +233,8 @@ struct Participant {
     audio_only: Option<AudioOnlyReason>,
     level: LevelMeter,
     ice_restart_wanted: bool,
+    /// When the estimator may next be asked to probe for a step up.
+    next_probe: Instant,
     publish_stats: StatsWindow,
     subscribe_stats: StatsWindow,
 }
@@ -272,7 +290,7 @@ impl Clock {
     }
 }
 
-struct Room {
+pub(crate) struct Room {
     ctx: RoomContext,
     events: mpsc::Sender<RoomEvent>,
     datagrams: mpsc::Sender<Datagram>,
@@ -292,7 +310,7 @@ enum Work {
 }
 
 impl Room {
-    fn new(
+    pub(crate) fn new(
         ctx: RoomContext,
         events: mpsc::Sender<RoomEvent>,
         datagrams: mpsc::Sender<Datagram>,
@@ -376,7 +394,7 @@ impl Room {
 
     // ---- commands -------------------------------------------------------------------------
 
-    fn handle_command(&mut self, cmd: RoomCommand, now: Instant) {
+    pub(crate) fn handle_command(&mut self, cmd: RoomCommand, now: Instant) {
         match cmd {
             RoomCommand::AddParticipant { id, reply } => {
                 let _ = reply.send(self.add_participant(id, now));
@@ -481,6 +499,7 @@ impl Room {
             audio_only: None,
             level: LevelMeter::default(),
             ice_restart_wanted: false,
+            next_probe: now,
             publish_stats: StatsWindow::default(),
             subscribe_stats: StatsWindow::default(),
         };
@@ -705,7 +724,7 @@ impl Room {
 
     // ---- network and time -----------------------------------------------------------------
 
-    fn handle_datagram(&mut self, d: Datagram) {
+    pub(crate) fn handle_datagram(&mut self, d: Datagram) {
         let found = self.participants.iter().enumerate().find_map(|(i, p)| {
             if p.publish.pc == d.pc {
                 Some((i, PcSide::Publish))
@@ -737,13 +756,13 @@ impl Room {
         // Forwarding only queues packets in the subscribers' connections; those are polled
         // once for the whole batch in `drive`.
         let mut events = Vec::new();
-        poll_peer(peer, &self.ctx.socket, d.at, |e| events.push(e));
+        poll_peer(peer, self.ctx.socket.as_ref(), d.at, |e| events.push(e));
         for e in events {
             self.handle_event(i, side, e, d.at);
         }
     }
 
-    fn handle_timeouts(&mut self, now: Instant) {
+    pub(crate) fn handle_timeouts(&mut self, now: Instant) {
         for p in &mut self.participants {
             for peer in [&mut p.publish, &mut p.subscribe] {
                 if peer.next_timeout <= now {
@@ -795,7 +814,7 @@ impl Room {
         }
     }
 
-    fn next_deadline(&self, now: Instant) -> Instant {
+    pub(crate) fn next_deadline(&self, now: Instant) -> Instant {
         let mut deadline = (now + MAX_SLEEP)
             .min(self.next_allocation)
             .min(self.next_speaker_round)
@@ -819,7 +838,7 @@ impl Room {
     }
 
     /// Polls every connection until none has output left, handling events as they appear.
-    fn drive(&mut self, now: Instant) {
+    pub(crate) fn drive(&mut self, now: Instant) {
         // Bounded: each pass only repeats if the previous one produced events, and forwarding
         // cannot produce events without new input. The bound guards against a library bug.
         for _ in 0..16 {
@@ -827,7 +846,7 @@ impl Room {
             for (i, p) in self.participants.iter_mut().enumerate() {
                 for side in [PcSide::Publish, PcSide::Subscribe] {
                     let peer = p.peer(side);
-                    poll_peer(peer, &self.ctx.socket, now, |e| {
+                    poll_peer(peer, self.ctx.socket.as_ref(), now, |e| {
                         work.push(Work::Event(i, side, e))
                     });
                 }
@@ -858,15 +877,16 @@ impl Room {
                     }
                 }
             }
+            // Without probing the number is str0m's last estimate repeated: keep the one
+            // already trusted, but do not start trusting a guess that was never probed.
             (
                 PcSide::Subscribe,
                 Event::EgressBitrateEstimate(BweKind::Twcc {
                     estimate,
-                    can_probe,
+                    can_probe: true,
                 }),
             ) => {
-                // Without probing the estimate is a stale guess; only display sizes limit.
-                self.participants[i].estimate = can_probe.then_some(estimate);
+                self.participants[i].estimate = Some(estimate);
             }
             (side, Event::PeerStats(stats)) => {
                 let p = &mut self.participants[i];
@@ -1041,6 +1061,10 @@ impl Room {
                 _ => pkt.payload.clone(),
             };
 
+            // Forwarded at once, never held by str0m's pacer: the layer choice keeps the rate
+            // under the estimate, and pacing would only add delay (a keyframe burst waits for
+            // the pacer's budget). The estimator still sees every packet through its feedback.
+            tx.set_unpaced(true);
             let write = RtpWrite::new(pt, out.seq.into(), out.timestamp, pkt.timestamp, payload)
                 .marker(pkt.header.marker)
                 .ext_vals(exts.clone())
@@ -1081,11 +1105,12 @@ impl Room {
             slots.push(k);
         }
         let estimate = p.estimate.map(|b| b.as_u64());
+        let losing = p.subscribe_stats.loss.is_some_and(|l| l >= PAUSE_LOSS);
         let requested = p.audio_only_requested;
         let p = &mut self.participants[i];
-        let allocation = p
-            .allocator
-            .allocate(now, estimate, audio_streams, requested, &needs);
+        let allocation =
+            p.allocator
+                .allocate(now, estimate, losing, audio_streams, requested, &needs);
         for (k, want) in slots.iter().zip(&allocation.wants) {
             p.subs[*k].forwarder.set_want(*want);
         }
@@ -1095,10 +1120,21 @@ impl Room {
             }
         }
         if p.estimate.is_some() {
-            // No sustained padding (minimum zero): the estimator probes toward what the
-            // subscriber would like to receive, and media takes the room it finds.
-            let desired = Bitrate::bps(allocation.desired_bps.max(allocation.allocated_bps));
-            p.subscribe.rtc.bwe().set_bitrate(Bitrate::bps(0), desired);
+            // Padding only while a step up is wanted (see `Allocation::probe_bps`); the
+            // estimator probes toward what the subscriber would like to receive. str0m probes
+            // when the desired rate rises, so while a step up waits the desired rate is
+            // lowered to what is sent for one round every `PROBE_INTERVAL`, and the next round
+            // raises it again.
+            let mut desired = allocation.desired_bps.max(allocation.allocated_bps);
+            if allocation.probe_bps > 0 && now >= p.next_probe {
+                p.next_probe = now + PROBE_INTERVAL;
+                desired = allocation.allocated_bps;
+            }
+            let minimum = Bitrate::bps(allocation.probe_bps.min(desired));
+            p.subscribe
+                .rtc
+                .bwe()
+                .set_bitrate(minimum, Bitrate::bps(desired));
         }
         // Audio-only when everything shown is paused for lack of bandwidth, or when asked;
         // an unchanged state (or a room with nothing to show yet) keeps the last one.
@@ -1205,9 +1241,10 @@ impl Room {
 }
 
 /// Drains a connection's output: datagrams go to the socket, events to `on_event`.
-fn poll_peer(peer: &mut Peer, socket: &UdpSocket, now: Instant, mut on_event: impl FnMut(Event)) {
+fn poll_peer(peer: &mut Peer, socket: &dyn Egress, now: Instant, mut on_event: impl FnMut(Event)) {
     // str0m guarantees a Timeout output eventually; the bound protects the room task
     // from a connection that would otherwise monopolise it.
+    let mut due_now = 0;
     for _ in 0..10_000 {
         match peer.rtc.poll_output() {
             Ok(Output::Transmit(t)) if t.proto == Protocol::Tcp => {
@@ -1222,7 +1259,16 @@ fn poll_peer(peer: &mut Peer, socket: &UdpSocket, now: Instant, mut on_event: im
             Ok(Output::Transmit(t)) => {
                 // Never wait on the socket: a full send buffer loses the datagram like the
                 // network would, and congestion control reacts to the loss.
-                let _ = socket.try_send_to(&t.contents, t.destination);
+                socket.send_to(&t.contents, t.destination);
+            }
+            // With bandwidth estimation on, str0m hands out queued packets one per timeout
+            // and asks to be woken again at once. Wake it here rather than going round the
+            // room's whole loop for every packet (bounded, in case no progress is made).
+            Ok(Output::Timeout(t)) if t <= now && due_now < 256 => {
+                due_now += 1;
+                if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(error = %e, "peer connection timeout failed");
+                }
             }
             Ok(Output::Timeout(t)) => {
                 peer.next_timeout = t;
