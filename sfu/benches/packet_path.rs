@@ -335,6 +335,7 @@ fn forward_to_one_subscriber(c: &mut Criterion) {
             sub.client_rtp - before
         );
 
+        let (written, received) = (seq, sub.client_rtp);
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
@@ -349,6 +350,14 @@ fn forward_to_one_subscriber(c: &mut Criterion) {
                 timed
             })
         });
+        // And it still worked at the end: what was timed went out and arrived.
+        sub.now += Duration::from_secs(1);
+        sub.exchange();
+        let (written, received) = (seq - written, sub.client_rtp - received);
+        assert!(
+            received * 100 >= written * 99,
+            "{name}: {received} of {written} forwarded packets reached the client"
+        );
     }
     group.finish();
 }

@@ -74,6 +74,8 @@ struct Mapping {
 pub struct Forwarder {
     kind: TrackKind,
     want: Want,
+    /// Whether anything chose `want` yet; until then it is the default.
+    decided: bool,
     current: Option<Mapping>,
     /// The last packet written out: its sequence number, timestamp and when it arrived.
     last_out: Option<(u64, u32, Instant)>,
@@ -90,6 +92,7 @@ impl Forwarder {
         Forwarder {
             kind,
             want: Want::Layer(Layer::High),
+            decided: false,
             current: None,
             last_out: None,
             last_picture_id: None,
@@ -106,10 +109,21 @@ impl Forwarder {
         if self.kind == TrackKind::Audio {
             return;
         }
+        self.decided = true;
         self.want = want;
         if want == Want::Paused {
             self.current = None;
         }
+    }
+
+    /// Whether the wanted layer is still the default, chosen by nobody.
+    pub fn is_undecided(&self) -> bool {
+        !self.decided
+    }
+
+    /// True for a video that is not being sent (audio-only, or not shown).
+    pub fn is_paused(&self) -> bool {
+        self.kind == TrackKind::Video && self.want == Want::Paused
     }
 
     /// The layer being forwarded now, if any.

@@ -29,17 +29,28 @@ pub const UPGRADE_HEADROOM: f64 = 1.25;
 /// The shortest time between two upgrades for one subscriber. Downgrades are never held.
 pub const UPGRADE_HOLD: Duration = Duration::from_secs(2);
 
-/// Loss reported by a subscriber at or above which a too-low estimate pauses video.
-pub const PAUSE_LOSS: f32 = 0.05;
+/// Loss reported by a subscriber at or above which the link counts as congested (and a
+/// too-low estimate pauses video). Random loss below it, as on a busy Wi-Fi, is repaired by
+/// retransmission and does not cost the picture.
+pub const PAUSE_LOSS: f32 = 0.2;
 
 /// An estimate below this share of its recent peak means the estimator saw congestion.
-pub const CONGESTION_DROP: f64 = 0.85;
+pub const CONGESTION_DROP: f64 = 0.75;
 
 /// How far back the estimate's peak is remembered.
 pub const PEAK_WINDOW: Duration = Duration::from_secs(5);
 
+/// How far above the estimate a step up may take the sent rate. The estimator caps its
+/// estimate at about 1.5 times what it saw sent and probes at up to twice that; a step
+/// between the two can be learned, one far beyond would only flood the link.
+pub const STEP_REACH: f64 = 1.75;
+
+/// How long loss must go on at the lowest layer before video pauses. Loss reports arrive a
+/// second or two late, so loss seen right after stepping down is the old layer's.
+pub const LOSS_CONFIRM: Duration = Duration::from_secs(3);
+
 /// The longest wait between two steps up.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(16);
 
 /// What one Opus stream is assumed to need, including RTP and SRTP overhead.
 pub const AUDIO_BPS: u64 = 48_000;
@@ -191,7 +202,8 @@ pub struct Allocation {
     pub desired_bps: u64,
     /// The bitrate of what was allocated.
     pub allocated_bps: u64,
-    /// The rate to sustain, padding included, while a step up is wanted; zero otherwise.
+    /// The rate the next step up would need (with headroom), for the estimator to probe
+    /// for; zero when no step is wanted.
     pub probe_bps: u64,
 }
 
@@ -205,6 +217,10 @@ pub struct Allocator {
     peak: Option<(u64, Instant)>,
     /// The wait between upgrades; doubles each time an upgrade is followed by congestion.
     backoff: Option<Duration>,
+    /// What the last round allocated, video and audio.
+    last_allocated: u64,
+    /// Since when every shown video has been at its lowest layer.
+    lowest_since: Option<Instant>,
 }
 
 impl Allocator {
@@ -319,26 +335,44 @@ impl Allocator {
                 // Audio-only stays until the budget covers the lowest layer with headroom.
                 (None, _) if staying_audio_only => by_budget,
                 // Nothing fits: with loss, pause; without, the lowest layer.
+                // Nothing fits and packets are lost: the lowest layer first, and a pause only
+                // if the loss goes on there (a link that suddenly shrank usually still carries
+                // the lowest layer, while its estimate has collapsed for a while).
+                (Some(p), None) if losing && p.layer > lowest.layer => Some(lowest),
+                (Some(_), None)
+                    if losing
+                        && self
+                            .lowest_since
+                            .is_none_or(|t| now.saturating_duration_since(t) < LOSS_CONFIRM) =>
+                {
+                    Some(lowest)
+                }
                 (_, None) if losing => None,
                 (_, None) => Some(lowest),
                 (Some(p), Some(b)) if b.layer < p.layer && !congested => Some(p),
                 (Some(p), Some(b)) if b.layer <= p.layer => Some(b),
-                (Some(p), Some(b)) if since_upgrade.is_some_and(|d| d < hold) => {
-                    // Covered, but too soon after the last step: stay.
-                    let _ = b;
-                    Some(p)
-                }
+                // Covered by the budget, but too soon after the last step: stay. (Only the base
+                // hold applies here; the backoff is for steps beyond the budget.)
+                (Some(p), Some(_)) if since_upgrade.is_some_and(|d| d < UPGRADE_HOLD) => Some(p),
                 (_, Some(b)) => Some(b),
             };
             // Not congested and the budget does not reach higher: one step on trial.
             let choice = match choice {
                 Some(c) if may_step && !stepped && previous.is_some_and(|p| p.layer == c.layer) => {
+                    // A step may overshoot the estimate at most as far as the estimator's own
+                    // probes do (twice it): a layer far beyond it would only flood the link.
+                    let within_reach = |next: &LayerOption| {
+                        estimate_bps.is_none_or(|e| {
+                            let total = self.last_allocated + next.bps.saturating_sub(c.bps);
+                            total as f64 <= e as f64 * STEP_REACH
+                        })
+                    };
                     match under_cap.iter().copied().find(|l| l.layer > c.layer) {
-                        Some(next) => {
+                        Some(next) if within_reach(next) => {
                             stepped = true;
                             Some(next)
                         }
-                        None => Some(c),
+                        _ => Some(c),
                     }
                 }
                 other => other,
@@ -393,6 +427,17 @@ impl Allocator {
         }
         if upgraded && estimate_bps.is_some() {
             self.last_upgrade = Some(now);
+        }
+        self.last_allocated = allocated + audio;
+        let all_lowest = needs.iter().zip(&wants).all(|(need, want)| {
+            need.display == Some((0, 0))
+                || need.layers.is_empty()
+                || matches!(want, Want::Layer(l) if Some(*l) == need.layers.first().map(|o| o.layer))
+        });
+        if !all_lowest {
+            self.lowest_since = None;
+        } else if self.lowest_since.is_none() {
+            self.lowest_since = Some(now);
         }
 
         let audio_only = (shown > 0 && starved == shown).then_some(AudioOnlyReason::Bandwidth);
@@ -578,14 +623,9 @@ mod tests {
                 .wants,
             vec![Want::Layer(Layer::Medium)]
         );
-        // The step up at 0 ms was followed by congestion, so the next waits twice the hold.
+        // Once the hold has passed, the budget covers the top layer again.
         assert_eq!(
             a.allocate(ms(2000), Some(5_000_000), false, 1, false, &n)
-                .wants,
-            vec![Want::Layer(Layer::Medium)]
-        );
-        assert_eq!(
-            a.allocate(ms(4000), Some(5_000_000), false, 1, false, &n)
                 .wants,
             vec![Want::Layer(Layer::High)]
         );
@@ -593,19 +633,14 @@ mod tests {
 
     #[test]
     fn a_low_estimate_without_loss_gives_the_lowest_layer_not_a_pause() {
+        let t0 = Instant::now();
         let mut a = Allocator::default();
-        let out = a.allocate(
-            Instant::now(),
-            Some(150_000),
-            false,
-            1,
-            false,
-            &[need(None)],
-        );
+        let out = a.allocate(t0, Some(150_000), false, 1, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
-        // With loss it pauses.
-        let out = a.allocate(Instant::now(), Some(150_000), true, 1, false, &[need(None)]);
+        // With loss going on at the lowest layer, it pauses.
+        let later = t0 + LOSS_CONFIRM;
+        let out = a.allocate(later, Some(150_000), true, 1, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
     }
@@ -617,19 +652,44 @@ mod tests {
         let mut a = Allocator::default();
         let n = [need(None)];
         let mut at = |t, est, losing| a.allocate(ms(t), Some(est), losing, 1, false, &n).wants;
-        // 300 kbit/s: the low layer (150) fits, medium (500) does not.
-        assert_eq!(at(0, 300_000, false), vec![Want::Layer(Layer::Low)]);
-        assert_eq!(at(1_000, 300_000, false), vec![Want::Layer(Layer::Low)]);
-        // No congestion after the hold: one step up, although the estimate lags behind.
-        assert_eq!(at(2_000, 300_000, false), vec![Want::Layer(Layer::Medium)]);
+        // 400 kbit/s: the low layer (150) fits the budget, medium (500) does not.
+        assert_eq!(at(0, 400_000, false), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(1_000, 400_000, false), vec![Want::Layer(Layer::Low)]);
+        // No congestion after the hold: one step up, although the estimate lags behind (the
+        // step stays within one and a half times the estimate).
+        assert_eq!(at(2_000, 400_000, false), vec![Want::Layer(Layer::Medium)]);
         // Kept while nothing says the link is congested.
-        assert_eq!(at(3_000, 320_000, false), vec![Want::Layer(Layer::Medium)]);
+        assert_eq!(at(3_000, 420_000, false), vec![Want::Layer(Layer::Medium)]);
         // Loss: back to what the budget covers at once, and the next step waits 4 s.
-        assert_eq!(at(4_000, 300_000, true), vec![Want::Layer(Layer::Low)]);
-        assert_eq!(at(5_000, 300_000, false), vec![Want::Layer(Layer::Low)]);
-        assert_eq!(at(6_000, 300_000, false), vec![Want::Layer(Layer::Medium)]);
+        assert_eq!(at(4_000, 400_000, true), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(5_000, 400_000, false), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(6_000, 400_000, false), vec![Want::Layer(Layer::Medium)]);
         // An estimate falling well below its recent peak is congestion too.
-        assert_eq!(at(6_500, 250_000, false), vec![Want::Layer(Layer::Low)]);
+        assert_eq!(at(6_500, 200_000, false), vec![Want::Layer(Layer::Low)]);
+    }
+
+    #[test]
+    fn a_link_that_shrinks_goes_to_the_lowest_layer_before_pausing() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut a = Allocator::default();
+        let n = [need(None)];
+        let mut at = |t, est, losing| a.allocate(ms(t), Some(est), losing, 1, false, &n);
+        assert_eq!(
+            at(0, 5_000_000, false).wants,
+            vec![Want::Layer(Layer::High)]
+        );
+        // Heavy loss and a collapsed estimate: the lowest layer, still video.
+        let out = at(500, 100_000, true);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
+        assert_eq!(out.audio_only, None);
+        // Loss reported right after the step down is the old layer's: still video.
+        let out = at(1_000, 100_000, true);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
+        // The loss goes on at the lowest layer for two seconds: now audio-only.
+        let out = at(2_500, 100_000, true);
+        assert_eq!(out.wants, vec![Want::Paused]);
+        assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
     }
 
     #[test]

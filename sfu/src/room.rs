@@ -59,12 +59,25 @@ const MAX_SLEEP: Duration = Duration::from_millis(500);
 /// asked to probe for it this often.
 const PROBE_INTERVAL: Duration = Duration::from_secs(3);
 
+/// Retransmission cache of each forwarded video: long enough for a NACK from a home link
+/// (a few round trips), short enough not to hold seconds of every video for every subscriber.
+const RTX_CACHE_PACKETS: usize = 512;
+const RTX_CACHE_AGE: Duration = Duration::from_millis(1500);
+/// Queued retransmissions are dropped when they would make up more than this share of what a
+/// stream sends: repair must not crowd out new media on a congested link.
+const RTX_RATIO_CAP: f32 = 0.15;
+
+/// How often str0m reports each connection's figures (loss among them).
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often each participant's connection figures are gathered and reported.
 pub const QUALITY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The bandwidth estimate a receiving connection starts from, before feedback refines it:
-/// enough for one top-layer video, so a one-on-one session starts sharp.
-const INITIAL_ESTIMATE_KBPS: u64 = 2_500;
+/// enough for a medium layer. Starting at the top layer would flood a weak link in the first
+/// seconds (and its estimate would collapse); on a good link the top layer follows after one
+/// step up (see `layer`).
+const INITIAL_ESTIMATE_KBPS: u64 = 1_000;
 
 pub(crate) trait PcIds: Send + Sync {
     fn next_pc_id(&self) -> PcId;
@@ -196,6 +209,7 @@ struct TrackRef {
     publisher: ParticipantId,
     mid: Mid,
     kind: TrackKind,
+    simulcast: bool,
 }
 
 /// A track forwarded to a participant, on an m-line of their receiving connection.
@@ -206,6 +220,8 @@ struct Subscription {
     active: bool,
     /// The size the subscriber shows this video at, when it said.
     display: Option<(u32, u32)>,
+    /// Whether the send stream has been set up (pacing, retransmission cache).
+    configured: bool,
 }
 
 struct Participant {
@@ -359,7 +375,8 @@ impl Room {
             .enable_h264(true)
             .enable_vp9(true)
             .enable_av1(true)
-            .set_stats_interval(Some(QUALITY_INTERVAL));
+            // Loss reports feed the layer choice, so more often than the quality reports.
+            .set_stats_interval(Some(STATS_INTERVAL));
         if side == PcSide::Subscribe {
             builder = builder.enable_bwe(Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
         }
@@ -476,6 +493,7 @@ impl Room {
                     publisher: p.id.clone(),
                     mid: t.mid,
                     kind: t.kind,
+                    simulcast: !t.rids.is_empty(),
                 })
             })
             .collect();
@@ -494,7 +512,9 @@ impl Room {
             audio_muted: false,
             simulcast: HashMap::new(),
             allocator: Allocator::default(),
-            estimate: None,
+            // Assumed until the estimator reports, so the first choice is not the top layer
+            // of everything whatever the link.
+            estimate: Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)),
             audio_only_requested: false,
             audio_only: None,
             level: LevelMeter::default(),
@@ -677,12 +697,19 @@ impl Room {
                 Some(track_id),
                 None,
             );
+            let mut forwarder = Forwarder::new(track.kind);
+            // A simulcast video starts at its medium layer, which the first estimate carries;
+            // the layer choice moves it from there once the layers' rates are measured.
+            if track.simulcast {
+                forwarder.set_want(Want::Layer(Layer::Medium));
+            }
             p.subs.push(Subscription {
                 mid,
-                forwarder: Forwarder::new(track.kind),
+                forwarder,
                 source: track,
                 active: true,
                 display: None,
+                configured: false,
             });
         }
         for mid in p.pending_removals.drain(..) {
@@ -923,6 +950,7 @@ impl Room {
             .get(&mid)
             .cloned()
             .unwrap_or_default();
+        let simulcast = !rids.is_empty();
         self.participants[i].tracks.push(PublishedTrack {
             mid,
             kind,
@@ -937,6 +965,7 @@ impl Room {
                     publisher: publisher.clone(),
                     mid,
                     kind,
+                    simulcast,
                 };
                 self.participants[j].pending_adds.push(track);
                 self.maybe_offer(j);
@@ -1046,11 +1075,22 @@ impl Room {
             let Some(tx) = api.stream_tx_by_mid(sub.mid, None) else {
                 continue;
             };
+            // A simulcast video starts at its medium layer, which the first estimate carries,
+            // until the layer choice has measured the layers (a rid says it is simulcast).
+            if rid.is_some() && sub.forwarder.is_undecided() {
+                sub.forwarder.set_want(Want::Layer(Layer::Medium));
+            }
             let Some(out) = sub.forwarder.accept(incoming, picture_id, tl0) else {
                 continue;
             };
             if out.switched && sub.forwarder.switches() > 0 {
                 switches += 1;
+                // Packets of the old layer are of no use once the new layer's keyframe is
+                // sent; resending them on request would crowd a link that just proved too
+                // small (a switch down) or waste it.
+                if sub.configured {
+                    tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(RTX_RATIO_CAP));
+                }
             }
             let payload = match vp8 {
                 Some(d) if out.picture_id_offset != 0 || out.tl0_offset != 0 => {
@@ -1061,10 +1101,14 @@ impl Room {
                 _ => pkt.payload.clone(),
             };
 
-            // Forwarded at once, never held by str0m's pacer: the layer choice keeps the rate
-            // under the estimate, and pacing would only add delay (a keyframe burst waits for
-            // the pacer's budget). The estimator still sees every packet through its feedback.
-            tx.set_unpaced(true);
+            if !sub.configured {
+                sub.configured = true;
+                // Forwarded at once, never held by str0m's pacer: the layer choice keeps the
+                // rate under the estimate, and pacing would only add delay (a keyframe burst
+                // waits for the pacer's budget). The estimator still sees every packet.
+                tx.set_unpaced(true);
+                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(RTX_RATIO_CAP));
+            }
             let write = RtpWrite::new(pt, out.seq.into(), out.timestamp, pkt.timestamp, payload)
                 .marker(pkt.header.marker)
                 .ext_vals(exts.clone())
@@ -1119,22 +1163,32 @@ impl Room {
                 sub.forwarder.set_want(Want::Paused);
             }
         }
+        // A paused video's retransmission cache is dropped: answering NACKs for it would keep
+        // filling a link that was just found too small (each lost resend is asked for again).
+        let mut api = p.subscribe.rtc.direct_api();
+        for sub in &mut p.subs {
+            if sub.configured && sub.forwarder.is_paused() {
+                if let Some(tx) = api.stream_tx_by_mid(sub.mid, None) {
+                    tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(RTX_RATIO_CAP));
+                }
+                sub.configured = false;
+            }
+        }
         if p.estimate.is_some() {
-            // Padding only while a step up is wanted (see `Allocation::probe_bps`); the
-            // estimator probes toward what the subscriber would like to receive. str0m probes
-            // when the desired rate rises, so while a step up waits the desired rate is
-            // lowered to what is sent for one round every `PROBE_INTERVAL`, and the next round
-            // raises it again.
-            let mut desired = allocation.desired_bps.max(allocation.allocated_bps);
+            // No sustained padding: on a capped link it would take the room media needs (and
+            // str0m pads with copies of sent packets). The estimator is asked to probe, in
+            // short bursts, for the next step only; str0m probes when the desired rate rises,
+            // so while a step waits the desired rate drops to what is sent for one round every
+            // `PROBE_INTERVAL`, and the next round raises it again.
+            let mut desired = allocation.probe_bps.max(allocation.allocated_bps);
             if allocation.probe_bps > 0 && now >= p.next_probe {
                 p.next_probe = now + PROBE_INTERVAL;
                 desired = allocation.allocated_bps;
             }
-            let minimum = Bitrate::bps(allocation.probe_bps.min(desired));
             p.subscribe
                 .rtc
                 .bwe()
-                .set_bitrate(minimum, Bitrate::bps(desired));
+                .set_bitrate(Bitrate::bps(0), Bitrate::bps(desired));
         }
         // Audio-only when everything shown is paused for lack of bandwidth, or when asked;
         // an unchanged state (or a room with nothing to show yet) keeps the last one.

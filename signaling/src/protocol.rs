@@ -161,6 +161,8 @@ pub struct QualityView {
     pub loss_in: Option<f32>,
     pub loss_out: Option<f32>,
     pub rtt_ms: Option<u64>,
+    /// The bandwidth estimate toward the participant.
+    pub estimate_kbps: Option<u64>,
     /// The best layer the participant receives: "high", "medium", "low", or null.
     pub layer: Option<&'static str>,
     /// "video" or "audio_only".
@@ -176,6 +178,7 @@ impl From<&sfu::ParticipantQuality> for QualityView {
             loss_in: q.loss_in,
             loss_out: q.loss_out,
             rtt_ms: q.rtt.map(|d| d.as_millis() as u64),
+            estimate_kbps: q.estimate_bps.map(|b| b / 1000),
             layer: q.layer.map(|l| l.as_str()),
             modality: if q.audio_only.is_some() {
                 "audio_only"

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod peer;
+pub mod proxy;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
