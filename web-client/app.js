@@ -9,9 +9,8 @@
 
 import { CLOSING_ERROR_CODES, SignalingChannel, previewToken, signalingUrl } from './signaling.js';
 import {
-  LevelMeter, SubscribeConnection, applyPublishAnswer, createPublishConnection,
-  createPublishOffer, listDevices, openCamera, openLocalMedia, replacePublishedTrack,
-  stopLocalMedia,
+  LevelMeter, PublishConnection, SubscribeConnection, listDevices, openCamera, openLocalMedia,
+  replacePublishedTrack, stopLocalMedia,
 } from './media.js';
 import { ReceiveStats, pickActiveSpeaker } from './stats.js';
 import {
@@ -28,6 +27,8 @@ import {
 /** @typedef {import('./signaling.js').ErrorMessage} ErrorMessage */
 /** @typedef {import('./signaling.js').JoinedMessage} JoinedMessage */
 /** @typedef {import('./signaling.js').IceServerInfo} IceServerInfo */
+/** @typedef {import('./signaling.js').Modality} Modality */
+/** @typedef {import('./signaling.js').MediaStatsEntry} MediaStatsEntry */
 /** @typedef {import('./media.js').MediaProblem} MediaProblem */
 /** @typedef {import('./stats.js').Quality} Quality */
 /** @typedef {import('./ui.js').Screen} Screen */
@@ -53,6 +54,24 @@ const SPEAKER_HOLD_MS = 1200;
 const VIDEO_STALL_MS = 2000;
 /** Past the scheduled start by this much, the waiting room tells people what to do. */
 const LATE_AFTER_MS = 5 * 60_000;
+
+/**
+ * Displayed sizes are sent this long after the last change, so that a window being dragged
+ * wider sends one `video_size` per video, not one per frame of the drag.
+ */
+const VIDEO_SIZES_DEBOUNCE_MS = 250;
+
+/**
+ * ICE restart. A connection that is `disconnected` this long (the browser's consent checks
+ * went unanswered, typically a changed network), or at once `failed`, is restarted: new ICE
+ * credentials, new checks from whatever address the device has now. A restart that has not
+ * connected after ICE_RESTART_RETRY_MS is tried again; after ICE_RESTART_GIVE_UP_MS without
+ * media the page falls back to resuming the whole stay (new socket, both connections built
+ * anew), which is what a lost WebSocket does anyway.
+ */
+const ICE_DISCONNECTED_GRACE_MS = 2000;
+const ICE_RESTART_RETRY_MS = 5000;
+const ICE_RESTART_GIVE_UP_MS = 15_000;
 
 /** What the page knows. Tests read it through `window.haven.state`. */
 const state = {
@@ -84,6 +103,17 @@ const state = {
   quality: /** @type {Record<string, Quality>} */ ({}),
   /** The size (device pixels) each participant's video element is shown at; see README. */
   displaySizes: /** @type {Record<string, {width: number, height: number}>} */ ({}),
+  /** The last size sent to Haven per participant, "WxH". */
+  sentVideoSizes: /** @type {Record<string, string>} */ ({}),
+  /** Where the highlighted speaker comes from: Haven's `active_speaker`, or local stats. */
+  speakerSource: /** @type {'server' | 'stats'} */ ('stats'),
+  /** What Haven sends this browser (`modality`), and why when it is audio only. */
+  modality: /** @type {Modality} */ ('video'),
+  modalityReason: /** @type {string | null} */ (null),
+  /** Haven's own figures per participant (`quality`), for the therapist's panel. */
+  mediaStats: /** @type {Record<string, MediaStatsEntry>} */ ({}),
+  /** ICE restarts of this stay per connection, and whether media is being restored. */
+  ice: { publishRestarts: 0, subscribeRestarts: 0, restoring: false, resumesForMedia: 0 },
   error: /** @type {{code: string, message: string} | null} */ (null),
   endedReason: /** @type {string | null} */ (null),
   /** Date.now() of the first `joined` of this stay, for the ended page. */
@@ -129,6 +159,20 @@ let channel = null;
 let answered = false;
 /** @type {SubscribeConnection | null} */
 let subscriber = null;
+/** @type {PublishConnection | null} */
+let publisher = null;
+/** @type {ReturnType<typeof setTimeout> | undefined} */
+let videoSizesTimer;
+/**
+ * Per connection: the timer of the next ICE restart, and since when (performance.now()) its
+ * ICE has been neither connected nor completed; null while it is.
+ */
+const iceWatch = {
+  publish: { timer: /** @type {ReturnType<typeof setTimeout> | undefined} */ (undefined),
+    troubleSince: /** @type {number | null} */ (null) },
+  subscribe: { timer: /** @type {ReturnType<typeof setTimeout> | undefined} */ (undefined),
+    troubleSince: /** @type {number | null} */ (null) },
+};
 /** @type {Tile | null} */
 let selfTile = null;
 /** Remote tiles by participant id. @type {Map<string, Tile>} */
@@ -349,9 +393,13 @@ function handleMessage(message) {
     case 'participant_left': return removeParticipant(message.participant_id, message.reason);
     case 'muted': return onMutedByTherapist(message.muted);
     case 'participant_muted': return onParticipantMuted(message.participant_id, message.muted);
-    case 'publish_answer': return onPublishAnswer(message.sdp);
+    case 'publish_answer': return onPublishAnswer(message.sdp, message.negotiation);
     case 'subscribe_offer': return subscriber?.handleOffer(message);
     case 'left': return endStay(message.reason, message.credited_minutes);
+    case 'active_speaker': return onActiveSpeaker(message.participant_id);
+    case 'modality': return onModality(message.modality, message.reason);
+    case 'quality': return onMediaStats(message.participants);
+    case 'going_away': return onGoingAway(message.deadline);
     case 'pong': return;
     case 'error': return onError(message);
     default:
@@ -459,6 +507,8 @@ function onJoined(joined) {
 function startMedia() {
   const signaling = channel;
   if (!signaling) return;
+  // Chosen before joining (or kept across a resume): Haven sends this browser no video.
+  if (state.audioOnly) signaling.send({ type: 'audio_only', enabled: true });
 
   subscriber = new SubscribeConnection({
     onCandidate: (candidate) => signaling.send({ type: 'candidate', pc: 'subscribe', candidate }),
@@ -473,15 +523,15 @@ function startMedia() {
   watchConnection(subscriber.pc, 'subscribe');
 
   earlyPublishCandidates = [];
-  const publish = createPublishConnection(localStream, (candidate) => {
+  const publish = new PublishConnection(localStream, (candidate) => {
     if (earlyPublishCandidates) earlyPublishCandidates.push(candidate);
     else signaling.send({ type: 'candidate', pc: 'publish', candidate });
   }, iceServers);
-  pcs.publish = publish;
-  watchConnection(publish, 'publish');
+  publisher = publish;
+  pcs.publish = publish.pc;
+  watchConnection(publish.pc, 'publish');
 
-  createPublishOffer(publish).then((sdp) => {
-    signaling.send({ type: 'publish_offer', sdp });
+  sendPublishOffer(publish, false).then(() => {
     for (const candidate of earlyPublishCandidates || []) {
       signaling.send({ type: 'candidate', pc: 'publish', candidate });
     }
@@ -497,23 +547,139 @@ function startMedia() {
 }
 
 /**
+ * Offer on the publish connection and send it as `publish_offer`. Offers are numbered, so a
+ * late answer to an offer that a newer one replaced is left alone.
+ * @param {PublishConnection} publish
+ * @param {boolean} iceRestart
+ */
+async function sendPublishOffer(publish, iceRestart) {
+  const { negotiation, sdp } = await publish.offer({ iceRestart });
+  if (!sdp || publish !== publisher) return;
+  channel?.send({ type: 'publish_offer', negotiation, sdp });
+}
+
+/**
  * @param {RTCPeerConnection} pc
  * @param {'publish' | 'subscribe'} name
  */
 function watchConnection(pc, name) {
+  // A new connection has not connected yet: that counts as trouble from now on.
+  iceWatch[name].troubleSince = performance.now();
   pc.addEventListener('connectionstatechange', () => {
     if (pcs[name] !== pc) return;
     state.connection[name] = pc.connectionState;
-    if (pc.connectionState === 'failed' && state.connection.signaling === 'open') {
-      showNotice('The media connection failed. Check your network, then leave and join again.');
-    }
+  });
+  pc.addEventListener('iceconnectionstatechange', () => {
+    if (pcs[name] !== pc) return;
+    onIceState(name, pc.iceConnectionState);
   });
 }
 
-/** @param {string} sdp */
-function onPublishAnswer(sdp) {
-  if (!pcs.publish) return;
-  applyPublishAnswer(pcs.publish, sdp).catch((error) => {
+// ---- ICE restart: keeping media across a changed or unsteady network ---------------------
+
+/**
+ * @param {'publish' | 'subscribe'} name
+ * @param {RTCIceConnectionState} ice
+ */
+function onIceState(name, ice) {
+  const watch = iceWatch[name];
+  if (ice === 'connected' || ice === 'completed') {
+    clearTimeout(watch.timer);
+    watch.timer = undefined;
+    watch.troubleSince = null;
+    mediaRestored();
+    return;
+  }
+  if (watch.troubleSince === null) watch.troubleSince = performance.now();
+  if (ice === 'disconnected' && watch.timer === undefined) {
+    // Often a moment's loss that the browser recovers from by itself: wait a little first.
+    watch.timer = setTimeout(() => restartIce(name), ICE_DISCONNECTED_GRACE_MS);
+  } else if (ice === 'failed') {
+    restartIce(name);
+  }
+}
+
+/**
+ * Restart ICE on one connection, and keep at it until it connects or the stay is resumed.
+ * The publish connection is the browser's to offer on (a `publish_offer` with new ICE
+ * credentials); on the subscribe connection Haven offers, so the page asks it to
+ * (`ice_restart`) and answers the `subscribe_offer` that follows.
+ * @param {'publish' | 'subscribe'} name
+ */
+function restartIce(name) {
+  const watch = iceWatch[name];
+  clearTimeout(watch.timer);
+  watch.timer = undefined;
+  const pc = pcs[name];
+  if (!pc || !channel?.isOpen || state.screen !== 'call') return;
+  if (pc.iceConnectionState === 'connected' || pc.iceConnectionState === 'completed') return;
+
+  const since = watch.troubleSince ?? performance.now();
+  if (performance.now() - since > ICE_RESTART_GIVE_UP_MS) return resumeForMedia();
+  mediaRestoring();
+  if (name === 'publish' && publisher) {
+    state.ice.publishRestarts += 1;
+    sendPublishOffer(publisher, true).catch((error) => {
+      console.error('haven: ice restart offer failed', error);
+    });
+  } else if (name === 'subscribe') {
+    state.ice.subscribeRestarts += 1;
+    channel.send({ type: 'ice_restart' });
+  }
+  watch.timer = setTimeout(() => restartIce(name), ICE_RESTART_RETRY_MS);
+}
+
+/**
+ * The device's network changed (back online, or another connection type): restart ICE on
+ * both connections now rather than wait for the consent checks to fail, since the old path
+ * may already be gone.
+ */
+function onNetworkChange() {
+  if (state.screen !== 'call' || !channel?.isOpen) return;
+  if (publisher) {
+    state.ice.publishRestarts += 1;
+    sendPublishOffer(publisher, true).catch(() => {});
+  }
+  if (subscriber) {
+    state.ice.subscribeRestarts += 1;
+    channel.send({ type: 'ice_restart' });
+  }
+}
+
+/** ICE restarts did not bring media back: resume the stay, which builds both anew. */
+function resumeForMedia() {
+  if (state.screen !== 'call' || !channel) return;
+  state.ice.resumesForMedia += 1;
+  // Closing the socket takes the path of a lost connection: resume within the grace
+  // period, a new `joined`, both peer connections negotiated afresh.
+  channel.socket.close();
+}
+
+function mediaRestoring() {
+  if (state.ice.restoring || state.connection.signaling !== 'open') return;
+  state.ice.restoring = true;
+  showBanner('Your connection is unsteady. Restoring audio and video…', false);
+}
+
+function mediaRestored() {
+  if (!state.ice.restoring) return;
+  const live = (/** @type {RTCPeerConnection | null} */ pc) => !pc ||
+    pc.iceConnectionState === 'connected' || pc.iceConnectionState === 'completed';
+  if (!live(pcs.publish) || !live(pcs.subscribe)) return;
+  state.ice.restoring = false;
+  if (state.connection.signaling === 'open') {
+    hideBanner();
+    announce('Audio and video are back.');
+  }
+}
+
+/**
+ * @param {string} sdp
+ * @param {number} [negotiation]
+ */
+function onPublishAnswer(sdp, negotiation) {
+  if (!publisher) return;
+  publisher.answer(sdp, negotiation).catch((error) => {
     console.error('haven: publish answer rejected', error);
     showNotice('Your camera and microphone could not be sent. Leave and join again.');
   });
@@ -524,8 +690,10 @@ function showRemoteTracks(byParticipant) {
   remoteTracks = byParticipant;
   for (const [participantId, tile] of tiles) {
     const tracks = byParticipant.get(participantId) || [];
-    // Audio-only: incoming video is not shown (Haven still sends it; see README).
+    // Audio-only: incoming video is not shown, and its size is reported as 0 x 0 so that
+    // Haven, where it reads sizes, stops sending it.
     tile.showTracks(state.audioOnly ? tracks.filter((t) => t.kind === 'audio') : tracks);
+    tile.setWantsVideo(!state.audioOnly);
     if (!state.audioOnly && tracks.some((t) => t.kind === 'video')) watchFirstFrame(tile.video);
   }
 }
@@ -564,7 +732,10 @@ function addParticipant(person, isNews) {
   state.participants.push(info);
   const tile = new Tile(info, {
     self: false,
-    onSize: (size) => { state.displaySizes[id] = size; },
+    onSize: (size) => {
+      state.displaySizes[id] = size;
+      scheduleVideoSizes();
+    },
   });
   tile.update({ muted: info.muted });
   tiles.set(id, tile);
@@ -587,6 +758,8 @@ function removeParticipant(id, reason) {
   tiles.delete(id);
   delete state.quality[id];
   delete state.displaySizes[id];
+  delete state.mediaStats[id];
+  delete state.sentVideoSizes[id];
   if (state.activeSpeaker === id) state.activeSpeaker = null;
   updateLayout();
   renderPanel();
@@ -633,13 +806,16 @@ async function readStats() {
   if (sub !== subscriber) return;
 
   const now = Date.now();
-  const previousSpeaker = state.activeSpeaker;
-  const loud = pickActiveSpeaker(stats, previousSpeaker);
-  if (loud) {
-    state.activeSpeaker = loud;
-    speakerSince = now;
-  } else if (now - speakerSince > SPEAKER_HOLD_MS) {
-    state.activeSpeaker = null;
+  // Haven's `active_speaker`, once it has sent one, decides; it hears everyone, this page
+  // included, and judges from the levels the senders measured.
+  if (state.speakerSource === 'stats') {
+    const loud = pickActiveSpeaker(stats, state.activeSpeaker);
+    if (loud) {
+      state.activeSpeaker = loud;
+      speakerSince = now;
+    } else if (now - speakerSince > SPEAKER_HOLD_MS) {
+      state.activeSpeaker = null;
+    }
   }
 
   for (const [id, tile] of tiles) {
@@ -654,6 +830,92 @@ async function readStats() {
     });
   }
   renderPanel();
+}
+
+// ---- what Haven is told and tells about media: sizes, speaker, modality, figures ---------
+
+function scheduleVideoSizes() {
+  clearTimeout(videoSizesTimer);
+  videoSizesTimer = setTimeout(sendVideoSizes, VIDEO_SIZES_DEBOUNCE_MS);
+}
+
+/**
+ * Tell Haven the size each remote video is shown at (`video_size`, one per participant whose
+ * size changed since it was last sent), so that it sends the layer that fits.
+ */
+function sendVideoSizes() {
+  if (!channel?.isOpen || !publisher) return;
+  for (const id of tiles.keys()) {
+    const size = state.displaySizes[id] || { width: 0, height: 0 };
+    const key = `${size.width}x${size.height}`;
+    if (state.sentVideoSizes[id] === key) continue;
+    state.sentVideoSizes[id] = key;
+    channel.send({ type: 'video_size', participant_id: id, width: size.width, height: size.height });
+  }
+}
+
+/**
+ * Haven's active speaker, judged from the audio levels every sender measures; it may be
+ * this page's own participant. From the first one on, the page's own guess from receive
+ * statistics is no longer used.
+ * @param {string | null} id
+ */
+function onActiveSpeaker(id) {
+  state.speakerSource = 'server';
+  state.activeSpeaker = typeof id === 'string' ? id : null;
+  for (const [participantId, tile] of tiles) {
+    tile.update({ speaking: participantId === state.activeSpeaker });
+  }
+  selfTile?.update({ speaking: state.activeSpeaker !== null && state.activeSpeaker === state.participantId });
+}
+
+/**
+ * What Haven now sends this browser. Audio only because of bandwidth gets a note; audio
+ * only at the person's own request (`requested`) is already shown by the control.
+ * @param {Modality} modality
+ * @param {string} [reason]
+ */
+function onModality(modality, reason) {
+  setModality(modality === 'audio_only' ? 'audio_only' : 'video', reason ?? null, true);
+}
+
+const AUDIO_ONLY_NOTE = 'Your connection is too weak for video right now, so you receive ' +
+  'audio only. Video comes back by itself when your connection improves.';
+
+/**
+ * @param {Modality} modality
+ * @param {string | null} reason
+ * @param {boolean} tell whether to announce a change of the note
+ */
+function setModality(modality, reason, tell) {
+  const weakBefore = state.modality === 'audio_only' && state.modalityReason !== 'requested';
+  state.modality = modality;
+  state.modalityReason = modality === 'audio_only' ? reason : null;
+  const weak = modality === 'audio_only' && reason !== 'requested';
+
+  const note = byId('modality-note', HTMLElement);
+  note.textContent = weak ? AUDIO_ONLY_NOTE : '';
+  note.hidden = !weak;
+  if (tell && weak !== weakBefore) {
+    announce(weak ? AUDIO_ONLY_NOTE : 'Your connection improved: video is back.');
+  }
+}
+
+/** @param {MediaStatsEntry[]} entries Haven's figures per participant */
+function onMediaStats(entries) {
+  if (!Array.isArray(entries)) return;
+  for (const entry of entries) {
+    if (entry && typeof entry.participant_id === 'string') state.mediaStats[entry.participant_id] = entry;
+  }
+  renderPanel();
+}
+
+/** @param {string} deadline when the draining server ends the remaining sessions */
+function onGoingAway(deadline) {
+  const by = localTime(deadline);
+  showNotice('Haven is about to restart for maintenance. ' +
+    (by ? `This session can go on until ${by} at the latest; ` : '') +
+    'after that, join again with the same link.');
 }
 
 // ---- therapist panel -------------------------------------------------------------------
@@ -685,6 +947,7 @@ function renderPanel() {
   if (state.role !== 'therapist') return;
   renderPresentList(state.participants.map((person) => ({
     person, quality: state.quality[person.participant_id] || 'unknown',
+    media: state.mediaStats[person.participant_id],
   })), therapistActions);
 }
 
@@ -960,9 +1223,17 @@ function endStay(reason, creditedMinutes) {
 /** Media of the current call only: both peer connections and the remote tiles. */
 function teardownMedia() {
   clearInterval(statsTimer);
+  clearTimeout(videoSizesTimer);
+  for (const watch of Object.values(iceWatch)) {
+    clearTimeout(watch.timer);
+    watch.timer = undefined;
+  }
+  state.ice.restoring = false;
+  state.sentVideoSizes = {};
   subscriber?.close();
   subscriber = null;
-  pcs.publish?.close();
+  publisher?.close();
+  publisher = null;
   pcs.publish = null;
   pcs.subscribe = null;
   state.connection.publish = 'new';
@@ -983,6 +1254,9 @@ function teardownCall() {
   state.quality = {};
   state.displaySizes = {};
   state.activeSpeaker = null;
+  state.speakerSource = 'stats';
+  state.mediaStats = {};
+  setModality('video', null, false);
   byId('grid', HTMLElement).replaceChildren();
 }
 
@@ -1099,11 +1373,12 @@ async function toggleCamera() {
 
 /**
  * Audio only: stop sending video (the camera is stopped, the sender sends nothing) and stop
- * showing incoming video. Incoming video still arrives: the protocol has no way to ask
- * Haven to pause it yet.
+ * showing incoming video. Haven is told (`audio_only`) and stops sending video to this
+ * browser; every remote video also reports 0 x 0 (`video_size`).
  */
 async function toggleAudioOnly() {
   state.audioOnly = !state.audioOnly;
+  if (state.screen === 'call') channel?.send({ type: 'audio_only', enabled: state.audioOnly });
   if (state.audioOnly) {
     await setCamera(false);
   } else {
@@ -1206,13 +1481,20 @@ document.addEventListener('keydown', onShortcut);
 document.addEventListener('pointerdown', () => meter?.resume());
 document.addEventListener('keydown', () => meter?.resume());
 
-// Back online: do not wait for the next scheduled attempt.
+// Back online: do not wait for the next scheduled attempt; in a call whose socket held,
+// restart ICE, since the device's address has probably changed.
 window.addEventListener('online', () => {
   if (state.connection.signaling === 'reconnecting') {
     clearTimeout(reconnectTimer);
     connect({ resume: true });
+  } else {
+    onNetworkChange();
   }
 });
+// Wi-Fi to mobile data and back, where the browser says so (Network Information API).
+/** @type {EventTarget | undefined} */
+const networkInfo = /** @type {{connection?: EventTarget}} */ (navigator).connection;
+networkInfo?.addEventListener('change', onNetworkChange);
 
 // Closing the tab ends the stay on Haven's side too; close cleanly so it knows at once.
 window.addEventListener('pagehide', () => {

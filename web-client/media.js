@@ -19,8 +19,25 @@ function peerConfig(iceServers) {
   return { iceServers: iceServers || [], bundlePolicy: 'max-bundle', rtcpMuxPolicy: 'require' };
 }
 
-/** What the camera is asked for: enough for a tile, light enough for a phone's upload. */
-const VIDEO_CONSTRAINTS = { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 24 } };
+/**
+ * What the camera is asked for: 720p, which the publish connection sends in three simulcast
+ * layers; Haven sends each subscriber the layer that fits its bandwidth and the size at which
+ * it shows the video. A camera that cannot do 720p gives what it can, and the browser then
+ * sends fewer layers.
+ */
+const VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 24 } };
+
+/**
+ * The three layers of the camera, lowest first (the order Haven reads them in), with the
+ * rids Haven knows: `q` quarter, `h` half, `f` full resolution. The bitrates are caps; the
+ * browser's own estimate of its uplink may send less, or stop the upper layers.
+ * @type {RTCRtpEncodingParameters[]}
+ */
+export const SIMULCAST_ENCODINGS = [
+  { rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000, maxFramerate: 15 },
+  { rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: 'f', scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
 
 /**
  * Why a device could not be opened, as the page explains it.
@@ -174,23 +191,69 @@ export class LevelMeter {
  * The publish connection: one audio and one video m-line, both send-only. A missing
  * device still gets its m-line (with no track), so the offer always has the same shape
  * and a camera turned on later only needs `replaceTrack`, not a new negotiation.
- * @param {MediaStream | null} stream
- * @param {(candidate: string) => void} onCandidate an empty string marks the end
- * @param {IceServerInfo[]} [iceServers] from `joined`
+ *
+ * Offers are numbered (`negotiation`); an answer is applied only when it answers the latest
+ * offer, so the answer to an offer that an ICE restart overtook cannot undo the restart.
  */
-export function createPublishConnection(stream, onCandidate, iceServers) {
-  const pc = new RTCPeerConnection(peerConfig(iceServers));
+export class PublishConnection {
+  /**
+   * @param {MediaStream | null} stream
+   * @param {(candidate: string) => void} onCandidate an empty string marks the end
+   * @param {IceServerInfo[]} [iceServers] TURN servers from `joined`
+   */
+  constructor(stream, onCandidate, iceServers) {
+    this.pc = new RTCPeerConnection(peerConfig(iceServers));
+    /** The number of the latest offer; answers to earlier ones are stale. */
+    this.negotiation = 0;
 
-  for (const kind of ['audio', 'video']) {
-    const track = stream ? stream.getTracks().find((t) => t.kind === kind) : undefined;
-    if (stream && track) pc.addTransceiver(track, { direction: 'sendonly', streams: [stream] });
-    else pc.addTransceiver(kind, { direction: 'sendonly' });
+    for (const kind of ['audio', 'video']) {
+      const track = stream ? stream.getTracks().find((t) => t.kind === kind) : undefined;
+      /** @type {RTCRtpTransceiverInit} */
+      const init = { direction: 'sendonly' };
+      if (stream && track) init.streams = [stream];
+      // The layers are declared even without a camera yet: one turned on later sends them.
+      if (kind === 'video') init.sendEncodings = SIMULCAST_ENCODINGS;
+      this.pc.addTransceiver(track || kind, init);
+    }
+
+    this.pc.addEventListener('icecandidate', (event) => {
+      onCandidate(event.candidate ? event.candidate.candidate : '');
+    });
   }
 
-  pc.addEventListener('icecandidate', (event) => {
-    onCandidate(event.candidate ? event.candidate.candidate : '');
-  });
-  return pc;
+  /**
+   * Create the next offer and apply it locally.
+   * @param {{iceRestart?: boolean}} [how] new ICE credentials: an ICE restart
+   * @returns {Promise<{negotiation: number, sdp: string}>} what to send as `publish_offer`
+   */
+  async offer(how = {}) {
+    if (how.iceRestart) this.pc.restartIce();
+    const negotiation = this.negotiation + 1;
+    this.negotiation = negotiation;
+    const offer = await this.pc.createOffer({ iceRestart: !!how.iceRestart });
+    // A later offer may have started meanwhile; then this one is dropped unsent.
+    if (negotiation !== this.negotiation) return { negotiation, sdp: '' };
+    await this.pc.setLocalDescription(offer);
+    const sdp = this.pc.localDescription ? this.pc.localDescription.sdp : offer.sdp || '';
+    return { negotiation, sdp };
+  }
+
+  /**
+   * Apply `publish_answer`, unless it answers an offer that a later one replaced.
+   * @param {string} sdp
+   * @param {number | undefined} negotiation the number the answer carries
+   * @returns {Promise<boolean>} whether it was applied
+   */
+  async answer(sdp, negotiation) {
+    if (negotiation !== undefined && negotiation !== this.negotiation) return false;
+    if (this.pc.signalingState !== 'have-local-offer') return false;
+    await this.pc.setRemoteDescription({ type: 'answer', sdp });
+    return true;
+  }
+
+  close() {
+    this.pc.close();
+  }
 }
 
 /**
@@ -204,24 +267,6 @@ export async function replacePublishedTrack(pc, kind, track) {
   const transceiver = pc.getTransceivers()
     .find((t) => (t.sender.track?.kind || t.receiver.track.kind) === kind);
   if (transceiver) await transceiver.sender.replaceTrack(track);
-}
-
-/**
- * Create the offer and apply it locally; returns the SDP to send as `publish_offer`.
- * @param {RTCPeerConnection} pc
- */
-export async function createPublishOffer(pc) {
-  const offer = await pc.createOffer();
-  await pc.setLocalDescription(offer);
-  return pc.localDescription ? pc.localDescription.sdp : offer.sdp || '';
-}
-
-/**
- * @param {RTCPeerConnection} pc
- * @param {string} sdp from `publish_answer`
- */
-export async function applyPublishAnswer(pc, sdp) {
-  await pc.setRemoteDescription({ type: 'answer', sdp });
 }
 
 /**

@@ -52,22 +52,49 @@
  * @typedef {{type: 'participant_left', participant_id: string, reason: LeaveReason}} ParticipantLeftMessage
  * @typedef {{type: 'muted', muted: boolean}} MutedMessage
  * @typedef {{type: 'participant_muted', participant_id: string, muted: boolean}} ParticipantMutedMessage
- * @typedef {{type: 'publish_answer', sdp: string}} PublishAnswerMessage
+ * @typedef {{type: 'publish_answer', sdp: string, negotiation?: number}} PublishAnswerMessage
  * @typedef {{type: 'subscribe_offer', negotiation: number, sdp: string, tracks: TrackInfo[]}} SubscribeOfferMessage
  * @typedef {{type: 'left', reason: LeaveReason, credited_minutes?: number}} LeftMessage
  * @typedef {{type: 'pong'}} PongMessage
  * @typedef {{type: 'error', code: string, message: string, opens_at?: string}} ErrorMessage
+ * @typedef {{type: 'active_speaker', participant_id: string | null}} ActiveSpeakerMessage
+ * @typedef {{type: 'modality', modality: Modality, reason?: 'bandwidth' | 'requested'}} ModalityMessage
+ * @typedef {{type: 'quality', participants: MediaStatsEntry[]}} QualityMessage
+ * @typedef {{type: 'going_away', deadline: string}} GoingAwayMessage
+ */
+
+/**
+ * What Haven sends a participant: video and audio, or audio alone (their connection cannot
+ * carry even the lowest video layer, or they asked for it); the attendance ledger's two
+ * modalities.
+ * @typedef {'video' | 'audio_only'} Modality
+ */
+
+/**
+ * One participant's media as Haven measures it, for the therapist's panel. A figure Haven
+ * has not measured yet is null.
+ * @typedef {object} MediaStatsEntry
+ * @property {string} participant_id
+ * @property {number | null} [bitrate_in_kbps] what Haven receives from them
+ * @property {number | null} [bitrate_out_kbps] what Haven sends them
+ * @property {number | null} [loss_in] share of their packets lost on the way to Haven, 0..1
+ * @property {number | null} [loss_out] share of Haven's packets lost on the way to them, 0..1
+ * @property {number | null} [rtt_ms] round-trip time to them
+ * @property {'low' | 'medium' | 'high' | null} [layer] the best video layer they receive
+ *   now; null when they receive no video
+ * @property {Modality} [modality] what Haven sends them
  */
 
 /**
  * @typedef {JoinedMessage | WaitingMessage | WaitingListMessage | ParticipantJoinedMessage
  *   | ParticipantLeftMessage | MutedMessage | ParticipantMutedMessage | PublishAnswerMessage
- *   | SubscribeOfferMessage | LeftMessage | PongMessage | ErrorMessage} ServerMessage
+ *   | SubscribeOfferMessage | LeftMessage | PongMessage | ErrorMessage | ActiveSpeakerMessage
+ *   | ModalityMessage | QualityMessage | GoingAwayMessage} ServerMessage
  */
 
 /**
  * @typedef {{type: 'join', token: string, resume?: string}
- *   | {type: 'publish_offer', sdp: string}
+ *   | {type: 'publish_offer', sdp: string, negotiation: number}
  *   | {type: 'subscribe_answer', negotiation: number, sdp: string}
  *   | {type: 'candidate', pc: 'publish' | 'subscribe', candidate: string}
  *   | {type: 'admit', participant_id: string}
@@ -76,7 +103,10 @@
  *   | {type: 'remove', participant_id: string}
  *   | {type: 'end_session'}
  *   | {type: 'leave'}
- *   | {type: 'ping'}} ClientMessage
+ *   | {type: 'ping'}
+ *   | {type: 'video_size', participant_id: string, width: number, height: number}
+ *   | {type: 'audio_only', enabled: boolean}
+ *   | {type: 'ice_restart'}} ClientMessage
  */
 
 /** Browsers ping this often so that proxies between them and Haven keep the socket open. */

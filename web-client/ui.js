@@ -7,6 +7,7 @@
 /** @typedef {import('./signaling.js').ParticipantInfo} ParticipantInfo */
 /** @typedef {import('./signaling.js').SessionInfo} SessionInfo */
 /** @typedef {import('./stats.js').Quality} Quality */
+/** @typedef {import('./signaling.js').MediaStatsEntry} MediaStatsEntry */
 
 /** @typedef {'prejoin' | 'waiting' | 'call' | 'ended' | 'error'} Screen */
 
@@ -171,13 +172,18 @@ export function attachStream(video, stream) {
 
 /**
  * The size, in device pixels, at which a video element is shown: the layer a server should
- * send it. `object-fit: cover` fills the element's box, so the box is what is shown; a
- * hidden or detached element shows nothing and gets 0 x 0.
+ * send it. `object-fit: cover` fills the element's box, so the box is what is shown. A
+ * hidden or detached element, or one whose video is not wanted (audio only), gets 0 x 0.
+ *
+ * A tile showing initials because no frame has arrived yet still reports its box: the
+ * video is wanted there, and reporting 0 x 0 would tell the server to send nothing, so no
+ * frame would ever arrive.
  * @param {HTMLVideoElement} video
+ * @param {boolean} [wanted] false while the person chose audio only
  * @returns {{width: number, height: number}}
  */
-export function displayedSize(video) {
-  if (!video.isConnected || video.closest('[hidden]') || video.closest('.no-video')) {
+export function displayedSize(video, wanted = true) {
+  if (!wanted || !video.isConnected || video.closest('[hidden]')) {
     return { width: 0, height: 0 };
   }
   const box = video.getBoundingClientRect();
@@ -234,10 +240,27 @@ export class Tile {
     this.rename(person);
 
     // Each video reports the size it is shown at (see displayedSize): when its box changes,
-    // and when it starts or stops showing video (render).
+    // and when its video stops or starts being wanted (audio only).
     this.onSize = options.onSize;
-    this.resize = new ResizeObserver(() => this.onSize(displayedSize(this.video)));
+    this.wantsVideo = true;
+    this.lastSize = '';
+    this.resize = new ResizeObserver(() => this.reportSize());
     this.resize.observe(this.video);
+  }
+
+  /** Tell `onSize` the displayed size, when it changed since the last report. */
+  reportSize() {
+    const size = displayedSize(this.video, this.wantsVideo);
+    const key = `${size.width}x${size.height}`;
+    if (key === this.lastSize) return;
+    this.lastSize = key;
+    this.onSize(size);
+  }
+
+  /** @param {boolean} wanted false while the person chose audio only */
+  setWantsVideo(wanted) {
+    this.wantsVideo = wanted;
+    this.reportSize();
   }
 
   /** @param {ParticipantInfo} person */
@@ -272,9 +295,7 @@ export class Tile {
 
   render() {
     const showVideo = this.hasVideoTrack && this.videoFlowing;
-    const wasShowing = !this.media.classList.contains('no-video');
     this.media.classList.toggle('no-video', !showVideo);
-    if (wasShowing !== showVideo && this.onSize) this.onSize(displayedSize(this.video));
     this.element.classList.toggle('speaking', this.speaking);
     this.element.classList.toggle('poor', this.quality === 'poor');
 
@@ -365,6 +386,7 @@ export function renderWaitingList(waiting, actions) {
  * @typedef {object} PresentEntry
  * @property {ParticipantInfo} person
  * @property {Quality} quality as this therapist receives them
+ * @property {MediaStatsEntry} [media] Haven's figures for them, where it sends them
  */
 
 /** @param {Quality} quality */
@@ -375,6 +397,34 @@ export function qualityLabel(quality) {
     case 'poor': return 'Connection poor';
     default: return 'Connection not measured (no media arriving yet)';
   }
+}
+
+/** @param {number} bps */
+function rate(bps) {
+  return bps >= 1_000_000 ? `${(bps / 1_000_000).toFixed(1)} Mbit/s` : `${Math.round(bps / 1000)} kbit/s`;
+}
+
+/**
+ * Haven's figures for one participant in words a therapist can scan: what reaches Haven
+ * from them and what Haven sends them, loss, round trip, and the video they receive.
+ * @param {MediaStatsEntry | undefined} media
+ */
+export function mediaSummary(media) {
+  if (!media) return '';
+  const parts = [];
+  if (media.modality === 'audio_only') parts.push('receives audio only');
+  else if (media.layer) {
+    const video = { low: 'low', medium: 'medium', high: 'full' }[media.layer] || media.layer;
+    parts.push(`receives ${video} quality video`);
+  }
+  if (typeof media.bitrate_in_kbps === 'number') parts.push(`sends ${rate(media.bitrate_in_kbps * 1000)}`);
+  if (typeof media.bitrate_out_kbps === 'number') parts.push(`gets ${rate(media.bitrate_out_kbps * 1000)}`);
+  const lost = Math.max(media.loss_in ?? 0, media.loss_out ?? 0);
+  if (typeof media.loss_in === 'number' || typeof media.loss_out === 'number') {
+    parts.push(`${Math.round(lost * 100)} % lost`);
+  }
+  if (typeof media.rtt_ms === 'number') parts.push(`${Math.round(media.rtt_ms)} ms round trip`);
+  return parts.join(', ');
 }
 
 /**
@@ -396,7 +446,7 @@ export function renderPresentList(present, actions) {
     }
   }
 
-  const items = present.map(({ person, quality }) => {
+  const items = present.map(({ person, quality, media }) => {
     const id = person.participant_id;
     const who = personLabel(person);
     let item = existing.get(id);
@@ -409,21 +459,28 @@ export function renderPresentList(present, actions) {
       name.className = 'person-name';
       const status = document.createElement('span');
       status.className = 'person-status';
+      const details = document.createElement('span');
+      details.className = 'person-details';
       const buttons = document.createElement('span');
       buttons.className = 'person-actions';
       const mute = button('', '', () => actions.mute(id, item?.dataset.muted !== 'true'));
       mute.dataset.action = 'mute';
       buttons.append(mute, button('Remove', `Remove ${who}`, () => actions.remove(id), 'danger'));
-      item.append(name, status, buttons);
+      item.append(name, status, details, buttons);
     }
 
-    const [name, status] = /** @type {HTMLElement[]} */ ([...item.children]);
+    const [name, status, details] = /** @type {HTMLElement[]} */ ([...item.children]);
     name.textContent = who;
     const muted = !!person.muted;
     item.dataset.muted = String(muted);
     item.dataset.quality = quality;
     status.textContent = `${qualityLabel(quality)}${muted ? ', muted by you' : ''}`;
     status.className = `person-status q-${quality}`;
+    const summary = mediaSummary(media);
+    details.textContent = summary;
+    details.hidden = summary === '';
+    item.dataset.modality = media?.modality || '';
+    item.dataset.layer = media?.layer || '';
 
     const mute = item.querySelector('[data-action="mute"]');
     if (mute instanceof HTMLButtonElement) {

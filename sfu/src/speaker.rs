@@ -1,7 +1,7 @@
 //! The active speaker, from the audio level each publisher puts in its packets (RFC 6464).
 //!
-//! Levels are in -dBov: 0 is the loudest, 127 silence. Each publisher's level is smoothed
-//! with a short moving average; every [`SPEAKER_INTERVAL`] the loudest publisher above
+//! Levels are in -dBov: 0 is the loudest, 127 silence. For each publisher the loudest level
+//! of the last half second counts; every [`SPEAKER_INTERVAL`] the loudest publisher above
 //! [`SPEECH_THRESHOLD_DBOV`] becomes the speaker. A new speaker must be louder than the
 //! current one for two rounds in a row, so two voices do not make the highlight flicker, and
 //! the speaker is cleared after [`SILENCE_CLEARS`] with nobody above the threshold.
@@ -22,22 +22,36 @@ pub const SILENCE_CLEARS: Duration = Duration::from_millis(1500);
 /// A level older than this no longer counts (the publisher muted or left).
 const LEVEL_STALE: Duration = Duration::from_millis(500);
 
-/// One publisher's smoothed audio level.
+/// One publisher's recent loudness: the loudest level heard in the last two buckets of
+/// [`LEVEL_BUCKET`]. Speech comes in bursts (and a browser's test tone in short beeps), so the
+/// loudest recent packet says more than an average over silences.
 #[derive(Debug, Clone, Default)]
 pub struct LevelMeter {
-    /// Smoothed level in -dBov.
-    smoothed: Option<f32>,
+    /// Start of the current bucket and the loudest level (smallest -dBov) in it.
+    current: Option<(Instant, u8)>,
+    /// The loudest level of the bucket before.
+    previous: Option<u8>,
     last: Option<Instant>,
 }
+
+/// The length of one loudness bucket.
+const LEVEL_BUCKET: Duration = Duration::from_millis(250);
 
 impl LevelMeter {
     /// Records one packet's level (`level` in -dBov, 0..=127).
     pub fn on_level(&mut self, now: Instant, level: u8) {
-        let level = f32::from(level.min(127));
-        self.smoothed = Some(match self.smoothed {
-            // About 0.4 s of packets at 50 a second.
-            Some(s) => s * 0.95 + level * 0.05,
-            None => level,
+        let level = level.min(127);
+        self.current = Some(match self.current {
+            Some((start, loudest)) if now.saturating_duration_since(start) < LEVEL_BUCKET => {
+                (start, loudest.min(level))
+            }
+            Some((start, loudest)) => {
+                // A new bucket; the old one is remembered only if it just ended.
+                let just_ended = now.saturating_duration_since(start) < LEVEL_BUCKET * 2;
+                self.previous = just_ended.then_some(loudest);
+                (now, level)
+            }
+            None => (now, level),
         });
         self.last = Some(now);
     }
@@ -47,7 +61,9 @@ impl LevelMeter {
         if now.saturating_duration_since(last) > LEVEL_STALE {
             return None;
         }
-        self.smoothed
+        let (_, loudest) = self.current?;
+        let loudest = self.previous.map_or(loudest, |p| p.min(loudest));
+        Some(f32::from(loudest))
     }
 }
 

@@ -1,6 +1,8 @@
 #!/bin/sh
-# Browser end-to-end tests of Haven's web client: e2e.test.mjs (two browsers, attendance)
-# and flows.test.mjs (every flow of the client, with screenshots and axe-core checks).
+# Browser end-to-end tests of Haven's web client: e2e.test.mjs (two browsers, attendance),
+# flows.test.mjs (every flow of the client, with screenshots and axe-core checks) and
+# media.test.mjs (simulcast, displayed sizes, speaker and modality, ICE restart through a
+# UDP relay, three pages with one on a throttled link).
 #
 #   HAVEN_BIN=$HOME/.cache/haven-target/debug/haven tests/browser/run.sh
 #
@@ -34,4 +36,4 @@ done
 npx --no-install tsc -p tsconfig.json
 
 # 224.0.0.0/4 on lo: multicast (mDNS) has a route instead of failing with "No such device".
-exec unshare -n sh -c 'ip link set lo up && ip route add 224.0.0.0/4 dev lo && exec node --test --test-concurrency=1 --test-reporter=spec e2e.test.mjs flows.test.mjs'
+exec unshare -n sh -c 'ip link set lo up && ip route add 224.0.0.0/4 dev lo && exec node --test --test-concurrency=1 --test-reporter=spec e2e.test.mjs flows.test.mjs media.test.mjs'
