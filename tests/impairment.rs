@@ -951,7 +951,7 @@ async fn bandwidth_cap_below_the_top_layer_moves_only_that_subscriber_down() {
     );
     // The capped one receives video in every slice once converged, mostly on a lower layer.
     // Haven retries the top layer now and then (a step up is how it learns whether the link
-    // has grown; after each failed try it waits twice as long, up to 16 s), so a slice may be
+    // has grown; after each failed try it waits twice as long, up to 8 s), so a slice may be
     // mostly top layer while a try lasts, but not most of them.
     let capped_video = video(&capped);
     let mut at = converged;

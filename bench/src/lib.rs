@@ -9,8 +9,9 @@
 //! - `haven` and `janus`: the two signaling dialects (Haven's protocol, Janus VideoRoom over
 //!   its WebSocket transport), each a small state machine fed with the server's messages.
 //! - `peer`: a str0m peer connection in RTP mode on its own UDP socket.
-//! - `payload`: synthetic media: VP8 frames cut into packets, Opus-sized audio, and the
-//!   trailer every payload carries (publisher, kind, sequence number, send time).
+//! - `payload`: synthetic media: VP8 frames cut into packets (optionally three simulcast
+//!   layers), Opus-sized audio, and the trailer every payload carries (publisher, kind,
+//!   layer, sequence number, send time).
 //! - `stats`: what each participant sent and received inside the window, percentiles, and
 //!   CPU and memory from `/proc`.
 //! - `report`: the run's figures, printed as a table and written as JSON.
@@ -33,7 +34,7 @@ pub mod run;
 pub mod server;
 mod stats;
 
-pub use payload::VideoShape;
+pub use payload::{Kind, VideoShape};
 pub use report::{FlowReport, RunReport};
 pub use run::{run, LoadConfig, RampConfig, Target};
 pub use server::HavenProcess;

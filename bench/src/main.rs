@@ -26,7 +26,8 @@ struct Args {
     #[arg(long, value_enum, default_value = "haven")]
     target: TargetArg,
     /// Signaling URL: Haven `ws://127.0.0.1:7600/ws`, Janus `ws://127.0.0.1:8188`. Not
-    /// needed with --spawn-haven.
+    /// needed with --spawn-haven. Every participant connects from one address: start the
+    /// server with `HAVEN_CONNECTIONS_PER_ADDRESS` above the run's participant count.
     #[arg(long)]
     url: Option<String>,
     /// Haven's data directory; tokens are signed with its dev-signing-key.pem.
@@ -46,11 +47,20 @@ struct Args {
     /// Measurement window, seconds (per step in ramp mode).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Seconds between everyone receiving everyone and the window's start (per step in ramp
+    /// mode), so that joining is over before anything is measured.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
     /// How long joining may take before the window starts anyway, seconds.
     #[arg(long, default_value_t = 30.0)]
     join_timeout: f64,
+    /// Video bitrate; with --simulcast, the top layer's.
     #[arg(long, default_value_t = 1500)]
     video_kbps: u64,
+    /// Publish video as three simulcast layers, rids q, h and f, at a tenth, a third and all
+    /// of --video-kbps (150, 500 and 1,500 kbit/s at the default).
+    #[arg(long)]
+    simulcast: bool,
     #[arg(long, default_value_t = 30)]
     fps: u32,
     /// Seconds between unrequested keyframes.
@@ -77,7 +87,8 @@ struct Args {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Ramp mode: add --ramp-step rooms per step until loss or delay passes its limit.
+    /// Ramp mode: add --ramp-step rooms per step until loss or delay passes its limit. Works
+    /// for any room size: `--participants 10 --ramp` adds one group of ten per step.
     #[arg(long)]
     ramp: bool,
     #[arg(long, default_value_t = 1)]
@@ -136,12 +147,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rooms: args.rooms,
         participants: args.participants,
         duration: Duration::from_secs_f64(args.duration),
+        settle: Duration::from_secs_f64(args.settle),
         join_timeout: Duration::from_secs_f64(args.join_timeout),
         video: VideoShape {
             bitrate_bps: args.video_kbps * 1000,
             fps: args.fps,
             keyframe_interval: Duration::from_secs_f64(args.keyframe_interval),
         },
+        simulcast: args.simulcast,
         audio_bytes: args.audio_bytes,
         client_ip: args.client_ip,
         janus_bitrate: args.janus_bitrate,

@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, KeyframeRequest, MediaKind, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::rtp::RtpWrite;
 use str0m::{Event, Rtc};
 use tokio::sync::{oneshot, watch};
@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::haven::Haven;
 use crate::janus::Janus;
-use crate::payload::{audio_payload, Kind, Trailer, VideoShape, VideoSource};
+use crate::payload::{audio_payload, Kind, Trailer, VideoShape, VideoSource, SIMULCAST_RIDS};
 use crate::peer::{Peer, MAX_DATAGRAM};
 use crate::stats::{Clock, ParticipantStats};
 
@@ -39,8 +39,45 @@ const LEAVE_WAIT: Duration = Duration::from_secs(2);
 pub struct Shared {
     pub clock: Arc<Clock>,
     pub video: VideoShape,
+    /// Publish video as three simulcast layers ([`SIMULCAST_RIDS`]) instead of one stream.
+    pub simulcast: bool,
     pub audio_bytes: usize,
     pub client_ip: IpAddr,
+}
+
+/// One outgoing video stream: the only one, or one simulcast layer.
+struct VideoLayer {
+    /// The layer's rid and its index in [`SIMULCAST_RIDS`]; `None` without simulcast.
+    rid: Option<(Rid, u8)>,
+    source: VideoSource,
+    /// Per layer, from 0, one per packet (the trailer's and, plus one, the RTP sequence).
+    seq: u32,
+    /// A keyframe was asked for (or none was sent yet).
+    want_keyframe: bool,
+}
+
+impl VideoLayer {
+    /// The video streams a participant sends under `shared`'s settings.
+    fn all(shared: &Shared) -> Vec<VideoLayer> {
+        if !shared.simulcast {
+            return vec![VideoLayer {
+                rid: None,
+                source: VideoSource::new(shared.video),
+                seq: 0,
+                want_keyframe: true,
+            }];
+        }
+        SIMULCAST_RIDS
+            .iter()
+            .enumerate()
+            .map(|(i, rid)| VideoLayer {
+                rid: Some((Rid::from(*rid), i as u8)),
+                source: VideoSource::simulcast_layer(shared.video, i),
+                seq: 0,
+                want_keyframe: true,
+            })
+            .collect()
+    }
 }
 
 /// The signaling dialect a participant speaks.
@@ -67,14 +104,12 @@ pub struct Media {
     pending_offer: Option<SdpPendingOffer>,
     audio_mid: Option<Mid>,
     video_mid: Option<Mid>,
-    video: VideoSource,
+    video: Vec<VideoLayer>,
     video_interval: Duration,
     audio_seq: u32,
-    video_seq: u32,
     video_frames: u32,
     next_audio: Instant,
     next_video: Instant,
-    want_keyframe: bool,
     shared: Arc<Shared>,
     stats: Arc<Mutex<ParticipantStats>>,
     ws_opened: Instant,
@@ -94,22 +129,29 @@ impl Media {
             pending_offer: None,
             audio_mid: None,
             video_mid: None,
-            video: VideoSource::new(shared.video),
+            video: VideoLayer::all(&shared),
             video_interval: shared.video.frame_interval(),
             audio_seq: 0,
-            video_seq: 0,
             video_frames: 0,
             next_audio: now,
             next_video: now,
-            want_keyframe: true,
             shared,
             stats,
             ws_opened: now,
         })
     }
 
-    /// The offer for the publishing connection: one audio and one video track, send only.
+    /// The offer for the publishing connection: one audio and one video track, send only. With
+    /// simulcast the video m-line announces the layers (`a=rid:q send` ...,
+    /// `a=simulcast:send q;h;f`) and str0m declares one send stream per rid.
     pub fn publish_offer(&mut self) -> anyhow::Result<String> {
+        let simulcast = self.shared.simulcast.then(|| {
+            let mut s = Simulcast::new();
+            for rid in SIMULCAST_RIDS {
+                s.add_send_layer(SimulcastLayer::new(rid));
+            }
+            s
+        });
         let mut api = self.publish.rtc.sdp_api();
         let stream = format!("load-{}", self.publisher);
         let audio = api.add_media(
@@ -124,7 +166,7 @@ impl Media {
             Direction::SendOnly,
             Some(stream.clone()),
             Some(format!("{stream}-video")),
-            None,
+            simulcast,
         );
         let (offer, pending) = api
             .apply()
@@ -176,9 +218,9 @@ impl Media {
 
     /// Timers of both connections, then whatever media is due.
     fn tick(&mut self, now: Instant) {
-        let (want, stats) = (&mut self.want_keyframe, &self.stats);
+        let (layers, stats) = (&mut self.video, &self.stats);
         self.publish
-            .timeout(now, |_, e| on_publish_event(e, want, stats));
+            .timeout(now, |_, e| on_publish_event(e, layers, stats));
         let (shared, stats, opened) = (&self.shared, &self.stats, self.ws_opened);
         self.subscribe.timeout(now, |rtc, e| {
             on_subscribe_event(rtc, e, shared, stats, opened)
@@ -197,34 +239,47 @@ impl Media {
             self.next_audio = catch_up(self.next_audio, now, AUDIO_INTERVAL);
             let payload = audio_payload(self.shared.audio_bytes);
             let time = self.audio_seq.wrapping_mul(AUDIO_TICKS);
-            sent |= self.write(audio_mid, Kind::Audio, vec![payload], time, now);
+            sent |= self.write(audio_mid, None, vec![payload], time, now);
         }
         if now >= self.next_video {
             self.next_video = catch_up(self.next_video, now, self.video_interval);
-            let (packets, _key) = self
-                .video
-                .next_frame(std::mem::take(&mut self.want_keyframe));
+            // Every layer encodes the same picture, so they share the RTP timestamp.
             let time = (f64::from(self.video_frames) * VIDEO_CLOCK
                 / f64::from(self.shared.video.fps)) as u32;
             self.video_frames += 1;
-            sent |= self.write(video_mid, Kind::Video, packets, time, now);
+            for layer in 0..self.video.len() {
+                let v = &mut self.video[layer];
+                let (packets, key) = v.source.next_frame(std::mem::take(&mut v.want_keyframe));
+                let written = self.write(video_mid, Some(layer), packets, time, now);
+                if !written && key {
+                    // The stream is not there yet: the keyframe is still owed.
+                    self.video[layer].want_keyframe = true;
+                }
+                sent |= written;
+            }
         }
         if sent {
-            let (want, stats) = (&mut self.want_keyframe, &self.stats);
+            let (layers, stats) = (&mut self.video, &self.stats);
             self.publish
-                .poll(now, |_, e| on_publish_event(e, want, stats));
+                .poll(now, |_, e| on_publish_event(e, layers, stats));
         }
     }
 
-    /// Writes one frame's packets; the last one carries the marker bit.
+    /// Writes one frame's packets, audio (`video_layer` `None`) or one video stream; the last
+    /// packet carries the marker bit.
     fn write(
         &mut self,
         mid: Mid,
-        kind: Kind,
+        video_layer: Option<usize>,
         packets: Vec<Vec<u8>>,
         time: u32,
         now: Instant,
     ) -> bool {
+        let kind = if video_layer.is_some() {
+            Kind::Video
+        } else {
+            Kind::Audio
+        };
         let pt = {
             let params = self.publish.rtc.codec_config().params();
             let want = match kind {
@@ -239,19 +294,20 @@ impl Media {
         let sent_ns = self.shared.clock.ns(now);
         let in_window = self.shared.clock.in_window(sent_ns);
         let count = packets.len();
+        let (seq, rid) = match video_layer.and_then(|l| self.video.get_mut(l)) {
+            Some(v) => (&mut v.seq, v.rid),
+            None => (&mut self.audio_seq, None),
+        };
         let mut api = self.publish.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+        let Some(tx) = api.stream_tx_by_mid(mid, rid.map(|(rid, _)| rid)) else {
             return false;
         };
         let mut bytes = 0;
         for (i, mut payload) in packets.into_iter().enumerate() {
-            let seq = match kind {
-                Kind::Audio => &mut self.audio_seq,
-                Kind::Video => &mut self.video_seq,
-            };
             Trailer {
                 publisher: self.publisher,
                 kind,
+                layer: rid.map(|(_, index)| index),
                 seq: *seq,
                 sent_ns,
             }
@@ -270,6 +326,9 @@ impl Media {
             if let Ok(mut s) = self.stats.lock() {
                 s.window.sent[kind.index()] += count as u64;
                 s.window.sent_bytes[kind.index()] += bytes;
+                if let Some((_, index)) = rid {
+                    s.window.sent_layers[usize::from(index)] += count as u64;
+                }
             }
         }
         true
@@ -285,9 +344,16 @@ fn catch_up(at: Instant, now: Instant, interval: Duration) -> Instant {
     }
 }
 
-fn on_publish_event(e: Event, want_keyframe: &mut bool, stats: &Mutex<ParticipantStats>) {
-    if let Event::KeyframeRequest(_) = e {
-        *want_keyframe = true;
+/// A keyframe request names its simulcast layer by rid; one without a rid (or for a rid we
+/// do not send) asks every layer.
+fn on_publish_event(e: Event, layers: &mut [VideoLayer], stats: &Mutex<ParticipantStats>) {
+    if let Event::KeyframeRequest(KeyframeRequest { rid, .. }) = e {
+        let named = rid.filter(|r| layers.iter().any(|l| l.rid.map(|(x, _)| x) == Some(*r)));
+        for l in layers.iter_mut() {
+            if named.is_none() || l.rid.map(|(x, _)| x) == named {
+                l.want_keyframe = true;
+            }
+        }
         if let Ok(mut s) = stats.lock() {
             s.keyframe_requests += 1;
         }
@@ -382,12 +448,12 @@ async fn drive(
             r = media.publish.socket.recv_from(&mut pub_buf) => {
                 let (n, src) = r.context("publish socket")?;
                 let at = Instant::now();
-                let (want, st) = (&mut media.want_keyframe, &media.stats);
-                media.publish.receive(&pub_buf[..n], src, at, |_, e| on_publish_event(e, want, st));
+                let (layers, st) = (&mut media.video, &media.stats);
+                media.publish.receive(&pub_buf[..n], src, at, |_, e| on_publish_event(e, layers, st));
                 for _ in 0..READ_BATCH {
                     let Ok((n, src)) = media.publish.socket.try_recv_from(&mut pub_buf) else { break };
                     let at = Instant::now();
-                    media.publish.receive(&pub_buf[..n], src, at, |_, e| on_publish_event(e, want, st));
+                    media.publish.receive(&pub_buf[..n], src, at, |_, e| on_publish_event(e, layers, st));
                 }
             }
             r = media.subscribe.socket.recv_from(&mut sub_buf) => {

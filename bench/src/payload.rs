@@ -7,8 +7,12 @@
 //! [`MAX_PAYLOAD`] bytes, sized so the frame rate and bitrate come out as configured, with a
 //! keyframe now and then that is several times a normal frame.
 //!
-//! Every payload ends with a [`Trailer`]: publisher, kind, a per-track sequence number and the
-//! send time. The end is used rather than a fixed offset so the receiver needs no codec
+//! With simulcast a publisher sends the same video three times, as browsers do: layers "q", "h"
+//! and "f" ([`SIMULCAST_RIDS`], lowest first) at a tenth, a third and all of the configured
+//! bitrate, each its own RTP stream with its own rid, packets and keyframes.
+//!
+//! Every payload ends with a [`Trailer`]: publisher, kind, simulcast layer, a per-stream
+//! sequence number and the send time. The end is used rather than a fixed offset so the receiver needs no codec
 //! parsing, and neither Haven nor Janus touches payload bytes.
 
 use std::time::Duration;
@@ -19,8 +23,23 @@ pub const MAX_PAYLOAD: usize = 1_140;
 
 const MAGIC: [u8; 4] = *b"HVNB";
 
-/// Magic, publisher, kind, sequence number, send time.
-pub const TRAILER_LEN: usize = 4 + 4 + 1 + 4 + 8;
+/// Magic, publisher, kind, layer, sequence number, send time.
+pub const TRAILER_LEN: usize = 4 + 4 + 1 + 1 + 4 + 8;
+
+/// The rids of the simulcast layers, lowest first (browsers' usual names: quarter, half, full).
+pub const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
+
+/// Each simulcast layer's bitrate is the configured bitrate divided by this: 150, 500 and
+/// 1,500 kbit/s at the default 1.5 Mbit/s.
+const LAYER_BITRATE_DIVISORS: [u64; 3] = [10, 3, 1];
+
+/// The picture size each simulcast layer's keyframes announce, and the size without simulcast.
+const LAYER_PICTURES: [(u16, u16); 3] = [(320, 180), (640, 360), (1280, 720)];
+const SINGLE_PICTURE: (u16, u16) = (640, 360);
+
+/// The trailer's layer byte for a stream that is not a simulcast layer (audio, or video
+/// without simulcast).
+const NO_LAYER: u8 = 0xFF;
 
 /// A keyframe is this many times an average frame.
 const KEYFRAME_FACTOR: usize = 4;
@@ -57,7 +76,10 @@ pub struct Trailer {
     /// Unique across the run (not per room), so a misrouted packet shows.
     pub publisher: u32,
     pub kind: Kind,
-    /// Per publisher and kind, from 0, one per packet.
+    /// The simulcast layer (index into [`SIMULCAST_RIDS`]); `None` for audio and for video
+    /// without simulcast.
+    pub layer: Option<u8>,
+    /// Per publisher, kind and layer, from 0, one per packet.
     pub seq: u32,
     /// Nanoseconds since the run's epoch (see `stats::Clock`).
     pub sent_ns: u64,
@@ -71,8 +93,9 @@ impl Trailer {
         t[..4].copy_from_slice(&MAGIC);
         t[4..8].copy_from_slice(&self.publisher.to_be_bytes());
         t[8] = self.kind.code();
-        t[9..13].copy_from_slice(&self.seq.to_be_bytes());
-        t[13..21].copy_from_slice(&self.sent_ns.to_be_bytes());
+        t[9] = self.layer.unwrap_or(NO_LAYER);
+        t[10..14].copy_from_slice(&self.seq.to_be_bytes());
+        t[14..22].copy_from_slice(&self.sent_ns.to_be_bytes());
     }
 
     pub fn read(payload: &[u8]) -> Option<Trailer> {
@@ -86,13 +109,19 @@ impl Trailer {
             0x0D => Kind::Video,
             _ => return None,
         };
+        let layer = match t[9] {
+            NO_LAYER => None,
+            l if usize::from(l) < SIMULCAST_RIDS.len() => Some(l),
+            _ => return None,
+        };
         let u32_at = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
         let mut ns = [0u8; 8];
-        ns.copy_from_slice(&t[13..21]);
+        ns.copy_from_slice(&t[14..22]);
         Some(Trailer {
             publisher: u32_at(4),
             kind,
-            seq: u32_at(9),
+            layer,
+            seq: u32_at(10),
             sent_ns: u64::from_be_bytes(ns),
         })
     }
@@ -110,6 +139,16 @@ pub struct VideoShape {
 impl VideoShape {
     pub fn frame_interval(&self) -> Duration {
         Duration::from_secs_f64(1.0 / f64::from(self.fps.max(1)))
+    }
+
+    /// The shape of simulcast layer `index` (0 = "q", the lowest) when `self` is the top
+    /// layer's: same frame rate and keyframe interval, a fraction of the bitrate.
+    pub fn layer(&self, index: usize) -> VideoShape {
+        let divisor = LAYER_BITRATE_DIVISORS.get(index).copied().unwrap_or(1);
+        VideoShape {
+            bitrate_bps: self.bitrate_bps / divisor,
+            ..*self
+        }
     }
 
     /// Payload bytes of a delta frame and of a keyframe, so that the average over one
@@ -132,17 +171,31 @@ impl VideoShape {
 #[derive(Debug)]
 pub struct VideoSource {
     shape: VideoShape,
+    /// Width and height written in keyframe headers.
+    picture: (u16, u16),
     picture_id: u16,
     frames_since_key: u64,
     frames_per_key: u64,
 }
 
 impl VideoSource {
+    /// A single video stream (no simulcast).
     pub fn new(shape: VideoShape) -> Self {
+        Self::with_picture(shape, SINGLE_PICTURE)
+    }
+
+    /// Simulcast layer `index` (0 = "q") of a publisher whose top layer has shape `top`.
+    pub fn simulcast_layer(top: VideoShape, index: usize) -> Self {
+        let picture = LAYER_PICTURES.get(index).copied().unwrap_or(SINGLE_PICTURE);
+        Self::with_picture(top.layer(index), picture)
+    }
+
+    fn with_picture(shape: VideoShape, picture: (u16, u16)) -> Self {
         let frames_per_key =
             (shape.keyframe_interval.as_secs_f64() * f64::from(shape.fps)).round() as u64;
         VideoSource {
             shape,
+            picture,
             picture_id: 0,
             frames_since_key: u64::MAX,
             frames_per_key: frames_per_key.max(1),
@@ -175,8 +228,8 @@ impl VideoSource {
                 p.extend_from_slice(&tag.to_le_bytes()[..3]);
                 if key {
                     p.extend_from_slice(&[0x9D, 0x01, 0x2A]);
-                    p.extend_from_slice(&640u16.to_le_bytes());
-                    p.extend_from_slice(&360u16.to_le_bytes());
+                    p.extend_from_slice(&self.picture.0.to_le_bytes());
+                    p.extend_from_slice(&self.picture.1.to_le_bytes());
                 }
             }
             let len = each.max(p.len() + TRAILER_LEN);
@@ -212,6 +265,7 @@ mod tests {
         let t = Trailer {
             publisher: 7,
             kind: Kind::Video,
+            layer: Some(2),
             seq: 123_456,
             sent_ns: 9_876_543_210,
         };
@@ -252,5 +306,56 @@ mod tests {
         let bps = bytes as f64 * 8.0 / 3.0;
         assert!((bps / 1_500_000.0 - 1.0).abs() < 0.05, "{bps}");
         assert!(src.next_frame(true).1, "a request gets a keyframe at once");
+    }
+
+    #[test]
+    fn audio_trailer_has_no_layer() {
+        let t = Trailer {
+            publisher: 3,
+            kind: Kind::Audio,
+            layer: None,
+            seq: 1,
+            sent_ns: 2,
+        };
+        let mut p = audio_payload(60);
+        t.write(&mut p);
+        assert_eq!(Trailer::read(&p), Some(t));
+        // A layer byte that names no layer is not our trailer.
+        let n = p.len();
+        p[n - TRAILER_LEN + 9] = 7;
+        assert_eq!(Trailer::read(&p), None);
+    }
+
+    #[test]
+    fn simulcast_layers_scale_the_bitrate_and_start_with_keyframes() {
+        let top = VideoShape {
+            bitrate_bps: 1_500_000,
+            fps: 30,
+            keyframe_interval: Duration::from_secs(3),
+        };
+        let mut rates = Vec::new();
+        for (i, (w, h)) in LAYER_PICTURES.iter().enumerate() {
+            let mut src = VideoSource::simulcast_layer(top, i);
+            let mut bytes = 0;
+            for n in 0..90 {
+                let (packets, key) = src.next_frame(false);
+                assert_eq!(key, n == 0);
+                if key {
+                    // S bit and partition 0, then the frame tag with P = 0.
+                    assert_eq!(packets[0][0] & 0x17, 0x10);
+                    assert_eq!(packets[0][4] & 1, 0);
+                    assert_eq!(&packets[0][10..12], &w.to_le_bytes());
+                    assert_eq!(&packets[0][12..14], &h.to_le_bytes());
+                }
+                for p in &packets {
+                    assert!(p.len() <= MAX_PAYLOAD);
+                    bytes += p.len();
+                }
+            }
+            rates.push(bytes as f64 * 8.0 / 3.0);
+        }
+        for (got, want) in rates.iter().zip([150_000.0, 500_000.0, 1_500_000.0]) {
+            assert!((got / want - 1.0).abs() < 0.05, "{got} vs {want}");
+        }
     }
 }

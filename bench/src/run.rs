@@ -17,11 +17,14 @@ use tokio::task::JoinHandle;
 use crate::haven::Haven;
 use crate::janus::{Janus, JanusRoom};
 use crate::participant::{self, Dialect, Shared};
-use crate::payload::{Kind, VideoShape};
-use crate::report::{FlowReport, Machine, Percentiles, RunReport, StepReport};
+use crate::payload::{Kind, VideoShape, SIMULCAST_RIDS};
+use crate::report::{
+    FlowReport, Machine, Percentiles, RampLimits, RunReport, SimulcastReport, StepReport,
+};
 use crate::server::Minter;
 use crate::stats::{
-    percentile, sample, udp_buffer_errors, Clock, ParticipantStats, ProcSample, WindowStats,
+    percentile, sample, udp_buffer_errors, udp_drops_by_owner, Clock, FlowStats, ParticipantStats,
+    ProcSample, WindowStats,
 };
 
 /// Packets sent in the window may arrive this long after it; later ones count as lost.
@@ -72,8 +75,15 @@ pub struct LoadConfig {
     pub participants: usize,
     /// The measurement window (per step in ramp mode).
     pub duration: Duration,
+    /// How long to wait between the rooms being ready and the window: the joins' handshakes,
+    /// renegotiations and first keyframes are then over before anything is measured. In ramp
+    /// mode the new rooms join while the others run, so this matters most there.
+    pub settle: Duration,
     pub join_timeout: Duration,
+    /// The video each participant publishes; with `simulcast`, the top layer's.
     pub video: VideoShape,
+    /// Publish three simulcast layers (rids q, h, f) instead of one video stream.
+    pub simulcast: bool,
     pub audio_bytes: usize,
     pub client_ip: IpAddr,
     /// Janus: the rooms' bitrate cap in bits per second.
@@ -119,6 +129,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<RunReport> {
     let shared = Arc::new(Shared {
         clock: Arc::new(Clock::new()),
         video: cfg.video,
+        simulcast: cfg.simulcast,
         audio_bytes: cfg.audio_bytes,
         client_ip: cfg.client_ip,
     });
@@ -150,6 +161,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<RunReport> {
             let first_new = runner.rooms.len();
             runner.add_rooms(add).await?;
             runner.wait_ready(first_new).await;
+            tokio::time::sleep(cfg.settle).await;
             let (step, step_flows) = runner
                 .measure(server_pid.as_deref(), baseline, first_new)
                 .await;
@@ -186,9 +198,14 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<RunReport> {
         machine: Machine::this(),
         participants_per_room: cfg.participants,
         video_kbps: cfg.video.bitrate_bps / 1000,
+        simulcast: cfg.simulcast,
         fps: cfg.video.fps,
         audio_payload_bytes: cfg.audio_bytes,
         steps,
+        ramp_limits: cfg.ramp.as_ref().map(|r| RampLimits {
+            max_loss: r.max_loss,
+            max_delay_p99_ms: r.max_delay_p99_ms,
+        }),
         last_good_step: last_good,
         flows,
     })
@@ -326,10 +343,12 @@ impl Runner {
         let server0 = server_pid.and_then(sample);
         let tool0 = sample("self");
         let udp0 = udp_buffer_errors();
+        let drops0 = server_pid.and_then(udp_drops_by_owner);
         tokio::time::sleep_until(end.into()).await;
         let server1 = server_pid.and_then(sample);
         let tool1 = sample("self");
         let udp1 = udp_buffer_errors();
+        let drops1 = server_pid.and_then(udp_drops_by_owner);
         let window = start.elapsed().as_secs_f64();
         tokio::time::sleep(GRACE).await;
 
@@ -372,6 +391,7 @@ impl Runner {
 
         let mut flows = Vec::new();
         let mut delays: Vec<u32> = Vec::new();
+        let mut simulcast = self.cfg.simulcast.then(SimulcastReport::default);
         for (room, w) in self.rooms.iter().zip(&windows) {
             for (receiver, rw) in room.people.iter().zip(w) {
                 step.duplicates += rw.flows.values().map(|f| f.duplicates).sum::<u64>();
@@ -379,30 +399,46 @@ impl Runner {
                 for (publisher, pw) in room.people.iter().zip(w) {
                     if publisher.publisher == receiver.publisher {
                         step.published_packets += pw.sent.iter().sum::<u64>();
+                        if let Some(sim) = simulcast.as_mut() {
+                            sim.add_sent(&pw.sent_layers, room.people.len() - 1);
+                        }
                         continue;
                     }
                     for kind in [Kind::Audio, Kind::Video] {
-                        let expected = pw.sent[kind.index()];
-                        let got = rw.flows.get(&(publisher.publisher, kind));
-                        let received = got.map_or(0, |f| f.packets);
+                        let flow = match (kind, simulcast.as_mut()) {
+                            (Kind::Video, Some(sim)) => {
+                                simulcast_flow(sim, rw, publisher.publisher, &pw.sent_layers)
+                            }
+                            _ => {
+                                let got = rw.flows.get(&(publisher.publisher, kind, None));
+                                Flow {
+                                    expected: pw.sent[kind.index()],
+                                    received: got.map_or(0, |f| f.packets),
+                                    bytes: got.map_or(0, |f| f.bytes),
+                                    layers: None,
+                                }
+                            }
+                        };
                         step.flows += 1;
-                        step.expected_packets += expected;
-                        step.forwarded_packets += received;
-                        step.forwarded_bytes += got.map_or(0, |f| f.bytes);
-                        if received == 0 {
+                        step.expected_packets += flow.expected;
+                        step.forwarded_packets += flow.received;
+                        step.forwarded_bytes += flow.bytes;
+                        if flow.received == 0 {
                             step.dead_flows += 1;
                         }
                         flows.push(FlowReport {
                             receiver: receiver.id.clone(),
                             publisher: publisher.id.clone(),
                             kind,
-                            expected,
-                            received,
+                            expected: flow.expected,
+                            received: flow.received,
+                            layers: flow.layers,
                         });
                     }
                 }
             }
         }
+        step.simulcast = simulcast;
         if step.expected_packets > 0 {
             step.loss = 1.0
                 - (step.forwarded_packets.min(step.expected_packets) as f64
@@ -430,6 +466,10 @@ impl Runner {
             step.udp_rcvbuf_errors = b.0.saturating_sub(a.0);
             step.udp_sndbuf_errors = b.1.saturating_sub(a.1);
         }
+        if let (Some(a), Some(b)) = (drops0, drops1) {
+            step.udp_drops_server = Some(b.0.saturating_sub(a.0));
+            step.udp_drops_tool = Some(b.1.saturating_sub(a.1));
+        }
         if let (Some(a), Some(b)) = (tool0, tool1) {
             step.tool_cpu_seconds = b.cpu_seconds - a.cpu_seconds;
             step.tool_cpu_percent = step.tool_cpu_seconds / window * 100.0;
@@ -449,6 +489,59 @@ impl Runner {
                 }
             }
         }
+    }
+}
+
+/// What one receiver got of one publisher's audio or video in the window.
+struct Flow {
+    expected: u64,
+    received: u64,
+    bytes: u64,
+    /// With simulcast: packets received per layer, by rid.
+    layers: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+/// One publisher's simulcast video as one receiver got it. The receiver's single m-line
+/// carries whichever layers the server chose to forward:
+///
+/// - one layer: expected is what the publisher sent on that layer in the window, so loss is
+///   exact, as without simulcast;
+/// - several layers (the server switched, or forwarded more than one): each layer's expected
+///   is the span of sequence numbers received on it, since the tool cannot know which packets
+///   the server meant to forward;
+/// - none: a dead flow, expected as much as the lowest layer sent.
+fn simulcast_flow(
+    sim: &mut SimulcastReport,
+    rw: &WindowStats,
+    publisher: u32,
+    sent_layers: &[u64; SIMULCAST_RIDS.len()],
+) -> Flow {
+    let got: Vec<(usize, &FlowStats)> = (0..SIMULCAST_RIDS.len())
+        .filter_map(|l| {
+            rw.flows
+                .get(&(publisher, Kind::Video, Some(l as u8)))
+                .filter(|f| f.packets > 0)
+                .map(|f| (l, f))
+        })
+        .collect();
+    let expected = match got.as_slice() {
+        [] => sent_layers[0],
+        [(l, _)] => sent_layers[*l],
+        several => several.iter().map(|(_, f)| f.seq_span()).sum(),
+    };
+    let received = got.iter().map(|(_, f)| f.packets).sum();
+    let bytes = got.iter().map(|(_, f)| f.bytes).sum();
+    let layers: Vec<usize> = got.iter().map(|(l, _)| *l).collect();
+    let per_layer = got
+        .iter()
+        .map(|(l, f)| (SIMULCAST_RIDS[*l].to_owned(), f.packets))
+        .collect();
+    sim.add_flow(&layers, got.iter().map(|(l, f)| (*l, f.packets)));
+    Flow {
+        expected,
+        received,
+        bytes,
+        layers: Some(per_layer),
     }
 }
 

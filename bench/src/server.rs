@@ -21,6 +21,16 @@ pub const DEV_AUDIENCE: &str = "haven";
 /// How long `haven serve` may take to print where it listens.
 const STARTUP_WAIT: Duration = Duration::from_secs(20);
 
+/// Haven's setting for open WebSockets per client address, and the value a spawned server
+/// gets (unless the environment sets it): more than any run opens.
+const ENV_CONNECTIONS_PER_ADDRESS: &str = "HAVEN_CONNECTIONS_PER_ADDRESS";
+const CONNECTIONS_PER_ADDRESS: usize = 100_000;
+
+/// Haven's setting for people in a group session, and the value a spawned server gets
+/// (unless the environment sets it): the largest room the tool opens.
+const ENV_CAPACITY_GROUP: &str = "HAVEN_CAPACITY_GROUP";
+const CAPACITY_GROUP: usize = 16;
+
 /// Log lines of the server kept for a report when something fails.
 const LOG_LINES_KEPT: usize = 400;
 
@@ -102,6 +112,18 @@ impl HavenProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            // Every participant of the run connects from the tool's one address, far more
+            // than the default per-address cap (64) lets in.
+            .env(
+                ENV_CONNECTIONS_PER_ADDRESS,
+                std::env::var(ENV_CONNECTIONS_PER_ADDRESS)
+                    .unwrap_or_else(|_| CONNECTIONS_PER_ADDRESS.to_string()),
+            )
+            // Groups as large as the media plane takes (the default group capacity is lower).
+            .env(
+                ENV_CAPACITY_GROUP,
+                std::env::var(ENV_CAPACITY_GROUP).unwrap_or_else(|_| CAPACITY_GROUP.to_string()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -10,7 +10,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::payload::{Kind, Trailer};
+use crate::payload::{Kind, Trailer, SIMULCAST_RIDS};
+
+/// One stream as receivers see it: publisher, kind and simulcast layer (`None` for audio and
+/// for video without simulcast).
+pub type FlowKey = (u32, Kind, Option<u8>);
 
 /// The run's clock: nanoseconds since one `Instant`, shared by every sender and receiver of
 /// the run (they live in one process, so they share the machine's monotonic clock).
@@ -57,7 +61,7 @@ impl Default for Clock {
     }
 }
 
-/// One (publisher, kind) as one receiver saw it inside the window.
+/// One (publisher, kind, layer) as one receiver saw it inside the window.
 #[derive(Debug, Default, Clone)]
 pub struct FlowStats {
     pub packets: u64,
@@ -66,13 +70,26 @@ pub struct FlowStats {
     seen: HashSet<u32>,
 }
 
+impl FlowStats {
+    /// How many sequence numbers the received packets span (lowest to highest, inclusive):
+    /// what a receiver that cannot know the sender's count expects.
+    pub fn seq_span(&self) -> u64 {
+        match (self.seen.iter().min(), self.seen.iter().max()) {
+            (Some(lo), Some(hi)) => u64::from(hi - lo) + 1,
+            _ => 0,
+        }
+    }
+}
+
 /// Everything one participant counted in the current window.
 #[derive(Debug, Default, Clone)]
 pub struct WindowStats {
-    /// Packets and payload bytes sent inside the window, by kind.
+    /// Packets and payload bytes sent inside the window, by kind (all layers together).
     pub sent: [u64; 2],
     pub sent_bytes: [u64; 2],
-    pub flows: HashMap<(u32, Kind), FlowStats>,
+    /// Video packets sent inside the window, by simulcast layer (zero without simulcast).
+    pub sent_layers: [u64; SIMULCAST_RIDS.len()],
+    pub flows: HashMap<FlowKey, FlowStats>,
     /// One-way delay of every packet received, in microseconds.
     pub delays_us: Vec<u32>,
     /// Packets that arrived without this tool's trailer or from the participant itself.
@@ -81,7 +98,10 @@ pub struct WindowStats {
 
 impl WindowStats {
     pub fn record(&mut self, t: &Trailer, len: usize, delay: Duration) {
-        let flow = self.flows.entry((t.publisher, t.kind)).or_default();
+        let flow = self
+            .flows
+            .entry((t.publisher, t.kind, t.layer))
+            .or_default();
         if !flow.seen.insert(t.seq) {
             flow.duplicates += 1;
             return;
@@ -168,6 +188,45 @@ pub fn udp_buffer_errors() -> Option<(u64, u64)> {
     Some((get("RcvbufErrors")?, get("SndbufErrors")?))
 }
 
+/// Datagrams the kernel dropped on UDP sockets, split between the sockets `pid` holds open
+/// (the server's) and all others in this network namespace (the tool's), from the `drops`
+/// column of `/proc/net/udp` and `/proc/net/udp6`. Sockets closed in between lose their
+/// counts, so take both samples while everyone is connected.
+pub fn udp_drops_by_owner(pid: &str) -> Option<(u64, u64)> {
+    let mut owned = HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let Ok(link) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        if let Some(inode) = link
+            .strip_prefix("socket:[")
+            .and_then(|r| r.strip_suffix(']'))
+        {
+            owned.insert(inode.to_owned());
+        }
+    }
+    let (mut server, mut others) = (0, 0);
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(inode), Some(drops)) = (f.get(9), f.last()) else {
+                continue;
+            };
+            let drops: u64 = drops.parse().unwrap_or(0);
+            if owned.contains(*inode) {
+                server += drops;
+            } else {
+                others += drops;
+            }
+        }
+    }
+    Some((server, others))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,14 +246,45 @@ mod tests {
         let t = Trailer {
             publisher: 1,
             kind: Kind::Audio,
+            layer: None,
             seq: 5,
             sent_ns: 0,
         };
         w.record(&t, 100, Duration::from_micros(300));
         w.record(&t, 100, Duration::from_micros(300));
-        let f = &w.flows[&(1, Kind::Audio)];
+        let f = &w.flows[&(1, Kind::Audio, None)];
         assert_eq!((f.packets, f.duplicates), (1, 1));
         assert_eq!(w.delays_us, vec![300]);
+    }
+
+    #[test]
+    fn simulcast_layers_are_separate_flows_with_their_own_sequence_numbers() {
+        let mut w = WindowStats::default();
+        for (layer, seqs) in [(0u8, &[10u32, 11, 13][..]), (2, &[10, 12][..])] {
+            for &seq in seqs {
+                let t = Trailer {
+                    publisher: 4,
+                    kind: Kind::Video,
+                    layer: Some(layer),
+                    seq,
+                    sent_ns: 0,
+                };
+                w.record(&t, 1000, Duration::from_micros(100));
+            }
+        }
+        let q = &w.flows[&(4, Kind::Video, Some(0))];
+        let f = &w.flows[&(4, Kind::Video, Some(2))];
+        assert_eq!((q.packets, q.duplicates, q.seq_span()), (3, 0, 4));
+        assert_eq!((f.packets, f.duplicates, f.seq_span()), (2, 0, 3));
+        assert_eq!(FlowStats::default().seq_span(), 0);
+    }
+
+    #[test]
+    fn udp_drops_of_this_process_are_read() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        let (mine, _) = udp_drops_by_owner("self").expect("/proc/net/udp exists on Linux");
+        assert_eq!(mine, 0, "a fresh socket has dropped nothing");
+        drop(socket);
     }
 
     #[test]

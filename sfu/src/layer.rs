@@ -50,7 +50,7 @@ pub const STEP_REACH: f64 = 1.75;
 pub const LOSS_CONFIRM: Duration = Duration::from_secs(3);
 
 /// The longest wait between two steps up.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(16);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 /// What one Opus stream is assumed to need, including RTP and SRTP overhead.
 pub const AUDIO_BPS: u64 = 48_000;
@@ -58,6 +58,51 @@ pub const AUDIO_BPS: u64 = 48_000;
 /// A layer that sent nothing for this long is treated as gone (a publisher whose own uplink
 /// is weak stops sending its upper layers).
 pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
+
+/// What one subscriber's link carries, judged from loss (the way the loss-based half of
+/// Google's congestion control does it): more than [`LOSS_DECREASE`] lost and the estimate
+/// drops by half the loss; under [`LOSS_INCREASE`] and it grows by 8 % a
+/// report, up to [`GROWTH_CAP`] times what was sent (so it never claims much more than it has
+/// seen carried); in between it holds.
+#[derive(Debug, Clone)]
+pub struct LossEstimate {
+    estimate: u64,
+}
+
+/// Loss above which the estimate goes down.
+pub const LOSS_DECREASE: f32 = 0.10;
+/// Loss below which the estimate goes up.
+pub const LOSS_INCREASE: f32 = 0.02;
+/// How far above what was sent the estimate may grow.
+pub const GROWTH_CAP: f64 = 1.6;
+
+impl LossEstimate {
+    pub fn new(initial_bps: u64) -> Self {
+        LossEstimate {
+            estimate: initial_bps,
+        }
+    }
+
+    pub fn bps(&self) -> u64 {
+        self.estimate
+    }
+
+    /// Takes one report: what was sent toward the subscriber over the last interval and the
+    /// fraction of it the subscriber reported lost.
+    pub fn on_report(&mut self, sent_bps: u64, loss: f32) {
+        if loss > LOSS_DECREASE {
+            let kept = (self.estimate as f64 * (1.0 - 0.5 * f64::from(loss))) as u64;
+            self.estimate = kept.max(MIN_ESTIMATE);
+        } else if loss < LOSS_INCREASE {
+            let grown = (self.estimate.max(sent_bps) as f64 * 1.08) as u64;
+            let ceiling = ((sent_bps as f64 * GROWTH_CAP) as u64).max(self.estimate);
+            self.estimate = grown.min(ceiling);
+        }
+    }
+}
+
+/// The estimate never goes below this: enough for audio and the lowest layer to be tried.
+const MIN_ESTIMATE: u64 = 100_000;
 
 /// One simulcast layer of a video. Tracks without simulcast have one layer, `High`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -686,10 +731,37 @@ mod tests {
         // Loss reported right after the step down is the old layer's: still video.
         let out = at(1_000, 100_000, true);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
-        // The loss goes on at the lowest layer for two seconds: now audio-only.
-        let out = at(2_500, 100_000, true);
+        // The loss goes on at the lowest layer for three seconds: now audio-only.
+        let out = at(3_500, 100_000, true);
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
+    }
+
+    #[test]
+    fn loss_estimate_falls_with_loss_and_grows_only_near_what_was_carried() {
+        let mut e = LossEstimate::new(1_000_000);
+        // Sending 1.5 Mbit/s into a smaller link: half lost, down by a quarter.
+        e.on_report(1_500_000, 0.50);
+        assert_eq!(e.bps(), 750_000);
+        // Clean reports while sending 500 kbit/s: up 8 % a report, no further than 1.6 times
+        // what was sent.
+        e.on_report(500_000, 0.0);
+        assert_eq!(e.bps(), 800_000, "capped at 1.6 times what was carried");
+        e.on_report(500_000, 0.0);
+        assert_eq!(e.bps(), 800_000);
+        // Moderate loss holds.
+        e.on_report(500_000, 0.05);
+        assert_eq!(e.bps(), 800_000);
+        // Sending more and it is carried: grows with it.
+        e.on_report(1_000_000, 0.0);
+        assert_eq!(e.bps(), 1_080_000);
+        // Heavy loss again and again: never below the floor.
+        e.on_report(50_000, 0.9);
+        assert_eq!(e.bps(), 594_000);
+        for _ in 0..10 {
+            e.on_report(50_000, 0.9);
+        }
+        assert_eq!(e.bps(), 100_000);
     }
 
     #[test]

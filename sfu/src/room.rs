@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use haven_ids::{ParticipantId, SessionId};
-use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
@@ -30,8 +29,8 @@ use crate::keyframe::{
     is_av1_keyframe_start, is_h264_keyframe_start, is_vp9_keyframe_start, KeyframeThrottle,
 };
 use crate::layer::{
-    layers_for_rids, Allocator, AudioOnlyReason, Layer, LayerOption, RateMeter, VideoNeed,
-    ALLOCATION_INTERVAL, PAUSE_LOSS,
+    layers_for_rids, Allocator, AudioOnlyReason, Layer, LayerOption, LossEstimate, RateMeter,
+    VideoNeed, ALLOCATION_INTERVAL, PAUSE_LOSS,
 };
 use crate::speaker::{LevelMeter, SpeakerTracker, SPEAKER_INTERVAL};
 use crate::tcp::TcpWriter;
@@ -55,14 +54,12 @@ const KEYFRAME_RETRY: Duration = Duration::from_millis(250);
 /// The longest the task sleeps; str0m asks for shorter timeouts whenever it needs them.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
-/// While a subscriber could take a higher layer than the estimate allows, the estimator is
-/// asked to probe for it this often.
-const PROBE_INTERVAL: Duration = Duration::from_secs(3);
-
 /// Retransmission cache of each forwarded video: long enough for a NACK from a home link
-/// (a few round trips), short enough not to hold seconds of every video for every subscriber.
-const RTX_CACHE_PACKETS: usize = 512;
-const RTX_CACHE_AGE: Duration = Duration::from_millis(1500);
+/// (100 packets are 0.6 s of the top layer, several round trips), short enough not to hold
+/// seconds of every video for every subscriber (str0m's default of 1,024 packets cost about
+/// 270 KiB per forwarded stream, 6.5 MiB per participant in a room of 15).
+const RTX_CACHE_PACKETS: usize = 100;
+const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
 /// Queued retransmissions are dropped when they would make up more than this share of what a
 /// stream sends: repair must not crowd out new media on a congested link.
 const RTX_RATIO_CAP: f32 = 0.15;
@@ -77,7 +74,7 @@ pub const QUALITY_INTERVAL: Duration = Duration::from_secs(2);
 /// enough for a medium layer. Starting at the top layer would flood a weak link in the first
 /// seconds (and its estimate would collapse); on a good link the top layer follows after one
 /// step up (see `layer`).
-const INITIAL_ESTIMATE_KBPS: u64 = 1_000;
+const INITIAL_ESTIMATE_BPS: u64 = 1_000_000;
 
 pub(crate) trait PcIds: Send + Sync {
     fn next_pc_id(&self) -> PcId;
@@ -242,15 +239,14 @@ struct Participant {
     simulcast: HashMap<Mid, Vec<(String, Layer)>>,
     /// Layer choice for what this participant receives.
     allocator: Allocator,
-    /// The latest bandwidth estimate of the receiving connection.
-    estimate: Option<Bitrate>,
+    /// What the receiving connection carries, judged from the loss the participant reports.
+    estimate: LossEstimate,
     audio_only_requested: bool,
     /// Why this participant receives no video, when it does not.
     audio_only: Option<AudioOnlyReason>,
     level: LevelMeter,
     ice_restart_wanted: bool,
-    /// When the estimator may next be asked to probe for a step up.
-    next_probe: Instant,
+
     publish_stats: StatsWindow,
     subscribe_stats: StatsWindow,
 }
@@ -362,11 +358,11 @@ impl Room {
         }
     }
 
-    fn new_peer(&self, side: PcSide, now: Instant) -> Result<Peer, SfuError> {
+    fn new_peer(&self, now: Instant) -> Result<Peer, SfuError> {
         // VP8 first: it is what every browser can both send and receive, and simulcast with
         // it is what the forwarder understands best. The others are accepted from publishers
         // that offer nothing else.
-        let mut builder = Rtc::builder()
+        let builder = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .clear_codecs()
@@ -377,9 +373,9 @@ impl Room {
             .enable_av1(true)
             // Loss reports feed the layer choice, so more often than the quality reports.
             .set_stats_interval(Some(STATS_INTERVAL));
-        if side == PcSide::Subscribe {
-            builder = builder.enable_bwe(Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
-        }
+        // str0m's delay-based estimator (transport-wide congestion control) is not enabled:
+        // with it, its pacer held forwarded packets in rooms of ten and more until the delay
+        // reached seconds. The layer choice reads a loss-based estimate instead (`layer`).
         let mut rtc = builder.build(now);
         let candidate = Candidate::host(self.ctx.advertised, "udp")
             .map_err(|e| SfuError::BadSdp(format!("local candidate: {e}")))?;
@@ -500,8 +496,8 @@ impl Room {
 
         let participant = Participant {
             id,
-            publish: self.new_peer(PcSide::Publish, now)?,
-            subscribe: self.new_peer(PcSide::Subscribe, now)?,
+            publish: self.new_peer(now)?,
+            subscribe: self.new_peer(now)?,
             tracks: Vec::new(),
             subs: Vec::new(),
             pending_adds,
@@ -512,14 +508,14 @@ impl Room {
             audio_muted: false,
             simulcast: HashMap::new(),
             allocator: Allocator::default(),
-            // Assumed until the estimator reports, so the first choice is not the top layer
+            // Assumed until the first loss report, so the first choice is not the top layer
             // of everything whatever the link.
-            estimate: Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)),
+            estimate: LossEstimate::new(INITIAL_ESTIMATE_BPS),
             audio_only_requested: false,
             audio_only: None,
             level: LevelMeter::default(),
             ice_restart_wanted: false,
-            next_probe: now,
+
             publish_stats: StatsWindow::default(),
             subscribe_stats: StatsWindow::default(),
         };
@@ -904,17 +900,6 @@ impl Room {
                     }
                 }
             }
-            // Without probing the number is str0m's last estimate repeated: keep the one
-            // already trusted, but do not start trusting a guess that was never probed.
-            (
-                PcSide::Subscribe,
-                Event::EgressBitrateEstimate(BweKind::Twcc {
-                    estimate,
-                    can_probe: true,
-                }),
-            ) => {
-                self.participants[i].estimate = Some(estimate);
-            }
             (side, Event::PeerStats(stats)) => {
                 let p = &mut self.participants[i];
                 match side {
@@ -924,7 +909,10 @@ impl Room {
                     }
                     PcSide::Subscribe => {
                         let loss = stats.egress_loss_fraction;
-                        p.subscribe_stats.update(&stats, stats.peer_bytes_tx, loss)
+                        p.subscribe_stats.update(&stats, stats.peer_bytes_tx, loss);
+                        if let (Some(sent), Some(loss)) = (p.subscribe_stats.bps, loss) {
+                            p.estimate.on_report(sent, loss);
+                        }
                     }
                 }
             }
@@ -1103,10 +1091,6 @@ impl Room {
 
             if !sub.configured {
                 sub.configured = true;
-                // Forwarded at once, never held by str0m's pacer: the layer choice keeps the
-                // rate under the estimate, and pacing would only add delay (a keyframe burst
-                // waits for the pacer's budget). The estimator still sees every packet.
-                tx.set_unpaced(true);
                 tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(RTX_RATIO_CAP));
             }
             let write = RtpWrite::new(pt, out.seq.into(), out.timestamp, pkt.timestamp, payload)
@@ -1148,7 +1132,7 @@ impl Room {
             });
             slots.push(k);
         }
-        let estimate = p.estimate.map(|b| b.as_u64());
+        let estimate = Some(p.estimate.bps());
         let losing = p.subscribe_stats.loss.is_some_and(|l| l >= PAUSE_LOSS);
         let requested = p.audio_only_requested;
         let p = &mut self.participants[i];
@@ -1173,22 +1157,6 @@ impl Room {
                 }
                 sub.configured = false;
             }
-        }
-        if p.estimate.is_some() {
-            // No sustained padding: on a capped link it would take the room media needs (and
-            // str0m pads with copies of sent packets). The estimator is asked to probe, in
-            // short bursts, for the next step only; str0m probes when the desired rate rises,
-            // so while a step waits the desired rate drops to what is sent for one round every
-            // `PROBE_INTERVAL`, and the next round raises it again.
-            let mut desired = allocation.probe_bps.max(allocation.allocated_bps);
-            if allocation.probe_bps > 0 && now >= p.next_probe {
-                p.next_probe = now + PROBE_INTERVAL;
-                desired = allocation.allocated_bps;
-            }
-            p.subscribe
-                .rtc
-                .bwe()
-                .set_bitrate(Bitrate::bps(0), Bitrate::bps(desired));
         }
         // Audio-only when everything shown is paused for lack of bandwidth, or when asked;
         // an unchanged state (or a room with nothing to show yet) keeps the last one.
@@ -1238,7 +1206,7 @@ impl Room {
                     loss_in: p.publish_stats.loss,
                     loss_out: p.subscribe_stats.loss,
                     rtt: p.subscribe_stats.rtt.or(p.publish_stats.rtt),
-                    estimate_bps: p.estimate.map(|b| b.as_u64()),
+                    estimate_bps: Some(p.estimate.bps()),
                     layer: if p.audio_only.is_some() { None } else { layer },
                     audio_only: p.audio_only,
                 }

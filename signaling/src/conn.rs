@@ -435,18 +435,14 @@ impl Conn {
         session: &SessionHandle,
         action: MediaAction,
     ) -> Result<(), SignalError> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = SessionCmd::Media {
-            from: who.clone(),
+        let from = who.clone();
+        Self::ask(session, |reply| SessionCmd::Media {
+            from,
             conn,
             action,
             reply,
-        };
-        if !session.send(cmd).await {
-            return Err(SignalError::internal(&"session closed"));
-        }
-        rx.await
-            .map_err(|_| SignalError::internal(&"session closed"))?
+        })
+        .await
     }
 
     async fn therapist(
@@ -455,14 +451,23 @@ impl Conn {
         session: &SessionHandle,
         action: TherapistAction,
     ) -> Result<(), SignalError> {
-        let (reply, rx) = oneshot::channel();
-        let cmd = SessionCmd::Therapist {
-            by: who.clone(),
+        let by = who.clone();
+        Self::ask(session, |reply| SessionCmd::Therapist {
+            by,
             conn,
             action,
             reply,
-        };
-        if !session.send(cmd).await {
+        })
+        .await
+    }
+
+    /// Sends a command that answers on its own channel, and waits for the answer.
+    async fn ask(
+        session: &SessionHandle,
+        make: impl FnOnce(oneshot::Sender<Result<(), SignalError>>) -> SessionCmd,
+    ) -> Result<(), SignalError> {
+        let (reply, rx) = oneshot::channel();
+        if !session.send(make(reply)).await {
             return Err(SignalError::internal(&"session closed"));
         }
         rx.await
