@@ -10,7 +10,12 @@
 //!   is a str0m `Rtc` configured like Haven's receiving connections, connected in memory to a
 //!   str0m client (no sockets): ICE, DTLS and SRTP all ran for real.
 //!
-//! The per-room forwarding step for a 16-person room is not here yet; it needs a room harness.
+//! - `room_step`: a 16-person room on simulated time (`haven_sfu::sim`, the production room
+//!   with its datagrams captured), everyone publishing VP8 and Opus without simulcast. One
+//!   iteration is 20 ms of media: each publisher's audio packet and about two-thirds of a
+//!   video frame reach the room and are forwarded to the 15 others. The clients' own str0m
+//!   work (encrypting what they send, decrypting what they receive) is inside the
+//!   measurement, so the figure is an upper bound on the room's share.
 //!
 //! Run with `cargo bench -p haven-sfu --bench packet_path`; figures go to `docs/benchmarks.md`.
 
@@ -362,5 +367,40 @@ fn forward_to_one_subscriber(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_datagram, forward_to_one_subscriber);
+fn room_step(c: &mut Criterion) {
+    use haven_sfu::sim::SimRoom;
+    const PEOPLE: usize = 16;
+    const STEP: Duration = Duration::from_millis(5);
+    const ITERATION: Duration = Duration::from_millis(20);
+
+    let mut sim = SimRoom::new(16);
+    for i in 0..PEOPLE {
+        sim.join(&format!("p-{i:02}"), false);
+    }
+    // Connections up, every subscription started at a keyframe.
+    sim.run(Duration::from_secs(4), STEP);
+    let before = sim.stats().packets_forwarded;
+    sim.run(Duration::from_secs(1), STEP);
+    let per_second = sim.stats().packets_forwarded - before;
+    assert!(
+        per_second > 30_000,
+        "a room of 16 forwards every packet to 15 others: {per_second} a second"
+    );
+    let per_iteration = per_second * ITERATION.as_millis() as u64 / 1000;
+
+    let mut group = c.benchmark_group("room_step");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(per_iteration));
+    group.bench_function("16_people_20ms_of_media", |b| {
+        b.iter(|| sim.run(black_box(ITERATION), STEP))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    route_datagram,
+    forward_to_one_subscriber,
+    room_step
+);
 criterion_main!(benches);

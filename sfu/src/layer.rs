@@ -64,10 +64,18 @@ pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
 /// drops by half the loss; under [`LOSS_INCREASE`] and it grows by 8 % a
 /// report, up to [`GROWTH_CAP`] times what was sent (so it never claims much more than it has
 /// seen carried); in between it holds.
+///
+/// A queue building on the way counts too: a round-trip time [`QUEUE_DELAY`] above the
+/// lowest seen means a router is holding packets rather than dropping them (a deep buffer),
+/// and the estimate drops to 85 % of what was sent.
 #[derive(Debug, Clone)]
 pub struct LossEstimate {
     estimate: u64,
+    min_rtt: Option<Duration>,
 }
+
+/// Round-trip time above the lowest seen that means a queue is building.
+pub const QUEUE_DELAY: Duration = Duration::from_millis(100);
 
 /// Loss above which the estimate goes down.
 pub const LOSS_DECREASE: f32 = 0.10;
@@ -80,6 +88,7 @@ impl LossEstimate {
     pub fn new(initial_bps: u64) -> Self {
         LossEstimate {
             estimate: initial_bps,
+            min_rtt: None,
         }
     }
 
@@ -87,10 +96,19 @@ impl LossEstimate {
         self.estimate
     }
 
-    /// Takes one report: what was sent toward the subscriber over the last interval and the
-    /// fraction of it the subscriber reported lost.
-    pub fn on_report(&mut self, sent_bps: u64, loss: f32) {
-        if loss > LOSS_DECREASE {
+    /// Takes one report: what was sent toward the subscriber over the last interval, the
+    /// fraction of it the subscriber reported lost, and the round-trip time when known.
+    pub fn on_report(&mut self, sent_bps: u64, loss: f32, rtt: Option<Duration>) {
+        if let Some(rtt) = rtt {
+            self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        }
+        let queueing = rtt
+            .zip(self.min_rtt)
+            .is_some_and(|(rtt, min)| rtt > min + QUEUE_DELAY);
+        if queueing {
+            let kept = (self.estimate.min(sent_bps) as f64 * 0.85) as u64;
+            self.estimate = kept.max(MIN_ESTIMATE);
+        } else if loss > LOSS_DECREASE {
             let kept = (self.estimate as f64 * (1.0 - 0.5 * f64::from(loss))) as u64;
             self.estimate = kept.max(MIN_ESTIMATE);
         } else if loss < LOSS_INCREASE {
@@ -741,27 +759,41 @@ mod tests {
     fn loss_estimate_falls_with_loss_and_grows_only_near_what_was_carried() {
         let mut e = LossEstimate::new(1_000_000);
         // Sending 1.5 Mbit/s into a smaller link: half lost, down by a quarter.
-        e.on_report(1_500_000, 0.50);
+        e.on_report(1_500_000, 0.50, None);
         assert_eq!(e.bps(), 750_000);
         // Clean reports while sending 500 kbit/s: up 8 % a report, no further than 1.6 times
         // what was sent.
-        e.on_report(500_000, 0.0);
+        e.on_report(500_000, 0.0, None);
         assert_eq!(e.bps(), 800_000, "capped at 1.6 times what was carried");
-        e.on_report(500_000, 0.0);
+        e.on_report(500_000, 0.0, None);
         assert_eq!(e.bps(), 800_000);
         // Moderate loss holds.
-        e.on_report(500_000, 0.05);
+        e.on_report(500_000, 0.05, None);
         assert_eq!(e.bps(), 800_000);
         // Sending more and it is carried: grows with it.
-        e.on_report(1_000_000, 0.0);
+        e.on_report(1_000_000, 0.0, None);
         assert_eq!(e.bps(), 1_080_000);
         // Heavy loss again and again: never below the floor.
-        e.on_report(50_000, 0.9);
+        e.on_report(50_000, 0.9, None);
         assert_eq!(e.bps(), 594_000);
         for _ in 0..10 {
-            e.on_report(50_000, 0.9);
+            e.on_report(50_000, 0.9, None);
         }
         assert_eq!(e.bps(), 100_000);
+
+        // A queue building without loss: the round trip rises 100 ms over its lowest.
+        let ms = Duration::from_millis;
+        let mut q = LossEstimate::new(1_000_000);
+        q.on_report(600_000, 0.0, Some(ms(20)));
+        assert_eq!(q.bps(), 1_000_000);
+        q.on_report(600_000, 0.0, Some(ms(90)));
+        assert_eq!(
+            q.bps(),
+            1_000_000,
+            "a rise under the threshold is not a queue"
+        );
+        q.on_report(600_000, 0.0, Some(ms(180)));
+        assert_eq!(q.bps(), 510_000, "85 % of what was sent");
     }
 
     #[test]

@@ -911,7 +911,7 @@ impl Room {
                         let loss = stats.egress_loss_fraction;
                         p.subscribe_stats.update(&stats, stats.peer_bytes_tx, loss);
                         if let (Some(sent), Some(loss)) = (p.subscribe_stats.bps, loss) {
-                            p.estimate.on_report(sent, loss);
+                            p.estimate.on_report(sent, loss, stats.rtt);
                         }
                     }
                 }
