@@ -72,6 +72,8 @@ pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
 pub struct LossEstimate {
     estimate: u64,
     min_rtt: Option<Duration>,
+    /// Whether the last report lowered the estimate (loss or a queue).
+    falling: bool,
 }
 
 /// Round-trip time above the lowest seen that means a queue is building.
@@ -89,11 +91,19 @@ impl LossEstimate {
         LossEstimate {
             estimate: initial_bps,
             min_rtt: None,
+            falling: false,
         }
     }
 
     pub fn bps(&self) -> u64 {
         self.estimate
+    }
+
+    /// Whether the last report showed congestion: it lowered the estimate (loss over
+    /// [`LOSS_DECREASE`], or a queue), or packets were lost while more than the estimate was
+    /// sent.
+    pub fn falling(&self) -> bool {
+        self.falling
     }
 
     /// Takes one report: what was sent toward the subscriber over the last interval, the
@@ -105,6 +115,10 @@ impl LossEstimate {
         let queueing = rtt
             .zip(self.min_rtt)
             .is_some_and(|(rtt, min)| rtt > min + QUEUE_DELAY);
+        // Loss beyond the random kind while more was sent than the estimate: the last step
+        // up overfilled the link. The estimate holds, but what is sent must come down to it.
+        let overfull = loss >= LOSS_INCREASE && sent_bps > self.estimate;
+        self.falling = queueing || loss > LOSS_DECREASE || overfull;
         if queueing {
             let kept = (self.estimate.min(sent_bps) as f64 * 0.85) as u64;
             self.estimate = kept.max(MIN_ESTIMATE);
@@ -284,9 +298,18 @@ pub struct Allocator {
     last_allocated: u64,
     /// Since when every shown video has been at its lowest layer.
     lowest_since: Option<Instant>,
+    /// Whether the estimate's last report lowered it (see [`Allocator::set_falling`]).
+    falling: bool,
 }
 
 impl Allocator {
+    /// Tells the allocator that the estimate's last report showed congestion (see
+    /// [`LossEstimate::falling`]): layers go down to what the budget covers, though this is
+    /// not a reason to pause video.
+    pub fn set_falling(&mut self, falling: bool) {
+        self.falling = falling;
+    }
+
     /// Chooses a layer for each video.
     ///
     /// `estimate_bps` is `None` while no estimate exists; then only the display sizes limit
@@ -342,6 +365,7 @@ impl Allocator {
         }
         let congested = estimate_bps.is_some()
             && (losing
+                || self.falling
                 || estimate_bps
                     .zip(self.peak)
                     .is_some_and(|(e, (p, _))| (e as f64) < p as f64 * CONGESTION_DROP));
@@ -792,8 +816,54 @@ mod tests {
             1_000_000,
             "a rise under the threshold is not a queue"
         );
+        assert!(!q.falling());
         q.on_report(600_000, 0.0, Some(ms(180)));
         assert_eq!(q.bps(), 510_000, "85 % of what was sent");
+        assert!(q.falling());
+    }
+
+    #[test]
+    fn loss_while_sending_beyond_the_estimate_is_congestion() {
+        let mut e = LossEstimate::new(500_000);
+        // 5 % lost while sending less than the estimate: random loss, the estimate holds.
+        e.on_report(400_000, 0.05, None);
+        assert_eq!(e.bps(), 500_000);
+        assert!(!e.falling());
+        // The same loss while sending more than the estimate: a step up overfilled the link.
+        e.on_report(620_000, 0.05, None);
+        assert_eq!(e.bps(), 500_000, "the estimate holds");
+        assert!(e.falling(), "but the layers must come down to it");
+        // Sending beyond the estimate with no loss is a probe that worked.
+        e.on_report(620_000, 0.0, None);
+        assert!(!e.falling());
+        assert!(e.bps() > 500_000);
+    }
+
+    #[test]
+    fn a_falling_estimate_brings_layers_down_without_pausing() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut a = Allocator::default();
+        let n = [need(None)];
+        assert_eq!(
+            a.allocate(ms(0), Some(5_000_000), false, 1, false, &n)
+                .wants,
+            vec![Want::Layer(Layer::High)]
+        );
+        // 4.5 Mbit/s is within the peak's 75 %: not congested, nothing goes down.
+        assert_eq!(
+            a.allocate(ms(500), Some(4_500_000), false, 1, false, &n)
+                .wants,
+            vec![Want::Layer(Layer::High)]
+        );
+        // The estimate's last report lowered it (loss over 10 %): down to what fits.
+        a.set_falling(true);
+        let out = a.allocate(ms(1000), Some(800_000), false, 1, false, &n);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Medium)]);
+        // Falling alone never pauses: the lowest layer at worst.
+        let out = a.allocate(ms(5000), Some(100_000), false, 1, false, &n);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
+        assert_eq!(out.audio_only, None);
     }
 
     #[test]

@@ -1134,8 +1134,10 @@ impl Room {
         }
         let estimate = Some(p.estimate.bps());
         let losing = p.subscribe_stats.loss.is_some_and(|l| l >= PAUSE_LOSS);
+        let falling = p.estimate.falling();
         let requested = p.audio_only_requested;
         let p = &mut self.participants[i];
+        p.allocator.set_falling(falling);
         let allocation =
             p.allocator
                 .allocate(now, estimate, losing, audio_streams, requested, &needs);
