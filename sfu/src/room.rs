@@ -55,10 +55,13 @@ const KEYFRAME_RETRY: Duration = Duration::from_millis(250);
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
 /// Retransmission cache of each forwarded video: long enough for a NACK from a home link
-/// (100 packets are 0.6 s of the top layer, several round trips), short enough not to hold
-/// seconds of every video for every subscriber (str0m's default of 1,024 packets cost about
-/// 270 KiB per forwarded stream, 6.5 MiB per participant in a room of 15).
-const RTX_CACHE_PACKETS: usize = 100;
+/// (64 packets are 0.43 s of a 1.5 Mbit/s top layer, a first request and a repeat at a
+/// 150 ms round trip; the lower layers send fewer packets and keep the full second), short
+/// enough not to hold seconds of every video for every subscriber. Each cached packet costs
+/// about 400 bytes of str0m's bookkeeping (the payload is shared), so 64 packets are 25 KiB
+/// per forwarded stream, 0.4 MiB per participant in a room of 16; str0m's default of 1,024
+/// packets cost 6.5 MiB per participant there.
+const RTX_CACHE_PACKETS: usize = 64;
 const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
 /// Queued retransmissions are dropped when they would make up more than this share of what a
 /// stream sends: repair must not crowd out new media on a congested link.

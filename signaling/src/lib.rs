@@ -233,10 +233,16 @@ async fn ws(
     // answered with close code 1009 rather than a broken connection.
     let max = state.limits.max_message_bytes * 2;
     upgrade
+        // Signaling messages are small: a 128 KiB read buffer (the default) for every
+        // participant would be 0.125 MiB each, for nothing.
+        .read_buffer_size(WS_READ_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| conn::serve(socket, state, slot))
 }
+
+/// The WebSocket read buffer; larger messages are read in several chunks.
+const WS_READ_BUFFER: usize = 8 * 1024;
 
 /// Refuses requests whose target or headers are too large, before any handler runs.
 async fn request_limits(
