@@ -17,10 +17,42 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, Overrides};
 use crate::devkey;
 
-/// Haven's own crates log lifecycle at info. The WebRTC libraries underneath log ICE
-/// credentials and peer addresses at debug, so they stay at warn unless RUST_LOG says
-/// otherwise (and such detail belongs at trace in Haven's terms).
-const DEFAULT_LOG_FILTER: &str = "info,str0m=warn,dimpl=warn,is=warn";
+/// Haven's own crates log lifecycle at info.
+const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// The WebRTC libraries underneath log ICE credentials, SDP and peer addresses at debug and
+/// info. Such detail belongs at trace in Haven's terms, so they stay at warn whatever
+/// RUST_LOG says, unless it names one of them at `trace` explicitly.
+const WEBRTC_LIBRARIES: [&str; 5] = ["str0m", "str0m_proto", "str0m_aws_lc_rs", "dimpl", "is"];
+
+/// The log filter for a RUST_LOG value (or none): its directives, with the WebRTC libraries
+/// held at warn unless a directive names one of them at trace.
+fn log_filter(rust_log: Option<&str>) -> String {
+    let given = rust_log.map(str::trim).filter(|s| !s.is_empty());
+    let mut directives: Vec<String> = Vec::new();
+    let mut traced: Vec<&str> = Vec::new();
+    for d in given.unwrap_or(DEFAULT_LOG_LEVEL).split(',').map(str::trim) {
+        if d.is_empty() {
+            continue;
+        }
+        let (target, level) = d.split_once('=').unwrap_or((d, ""));
+        let target = target.split(['[', '{']).next().unwrap_or(target).trim();
+        if let Some(lib) = WEBRTC_LIBRARIES.iter().find(|l| **l == target) {
+            if level.trim().eq_ignore_ascii_case("trace") {
+                traced.push(lib);
+                directives.push(d.to_owned());
+            }
+            continue;
+        }
+        directives.push(d.to_owned());
+    }
+    for lib in WEBRTC_LIBRARIES {
+        if !traced.contains(&lib) {
+            directives.push(format!("{lib}=warn"));
+        }
+    }
+    directives.join(",")
+}
 
 /// How often the node proves it is alive in the ledger; a crash is credited no further.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -51,8 +83,9 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(log_filter(rust_log.as_deref()))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter(None)));
     // The log goes to stderr, so that stdout stays free for what commands print; colours
     // only on a terminal (and never with NO_COLOR set).
     use std::io::IsTerminal;
@@ -213,14 +246,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let http = listener.local_addr()?;
     let pid_file = PidFile::write(&config.data_dir)?;
 
-    tracing::info!(
-        %http,
-        media = %sfu.local_addr(),
-        data_dir = %config.data_dir.display(),
-        mode,
-        "haven listening; make a join link with `haven token --data-dir {} --session demo --role therapist --subject t-01 --link`",
-        config.data_dir.display()
-    );
+    if dev_mode {
+        tracing::info!(
+            %http,
+            media = %sfu.local_addr(),
+            data_dir = %config.data_dir.display(),
+            mode,
+            "haven listening; make a join link with `{}`",
+            token_hint(&config, http)
+        );
+    } else {
+        // Tokens come from the configured issuers; the development key's would be refused.
+        tracing::info!(
+            %http,
+            media = %sfu.local_addr(),
+            data_dir = %config.data_dir.display(),
+            mode,
+            "haven listening"
+        );
+    }
 
     // The first SIGTERM (or Ctrl-C) drains: no new joins, sessions get `drain_seconds` to end,
     // then every remaining stay ends with `server_shutdown`, ledger first. A second signal
@@ -338,5 +382,75 @@ impl Signals {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The command that mints a therapist's join link for this server, as the person who started
+/// it can type it: `cargo run [--release] -- token ...` when Cargo started it (a checkout
+/// without `haven` installed), `haven token ...` otherwise. The session id is the README's.
+fn token_hint(config: &Config, http: std::net::SocketAddr) -> String {
+    let run_by_cargo = std::env::var_os("CARGO").is_some();
+    let release = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.parent()
+                .and_then(|dir| dir.file_name())
+                .map(|d| d == "release")
+        })
+        .unwrap_or(false);
+    let mut hint = match (run_by_cargo, release) {
+        (true, true) => String::from("cargo run --release -- token"),
+        (true, false) => String::from("cargo run -- token"),
+        (false, _) => String::from("haven token"),
+    };
+    if config.data_dir != Config::default().data_dir {
+        hint.push_str(&format!(" --data-dir {}", config.data_dir.display()));
+    }
+    hint.push_str(" --session demo-1 --role therapist --subject t-01 --link");
+    // `token` builds links on the default address; say so when this server listens elsewhere.
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http}"));
+    if public_url != Config::default().public_url() {
+        hint.push_str(&format!(" --public-url {public_url}"));
+    }
+    hint
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn webrtc_libraries_stay_at_warn_unless_traced_by_name() {
+        assert_eq!(
+            log_filter(None),
+            "info,str0m=warn,str0m_proto=warn,str0m_aws_lc_rs=warn,dimpl=warn,is=warn"
+        );
+        // RUST_LOG=debug lowers Haven's level, not the libraries'.
+        let debug = log_filter(Some("debug"));
+        assert!(debug.starts_with("debug,"), "{debug}");
+        assert!(
+            debug.contains("str0m=warn") && debug.contains("is=warn"),
+            "{debug}"
+        );
+        // Naming a library at debug or info does not let its addresses through either.
+        let named = log_filter(Some("info,str0m=debug,is=info"));
+        assert!(
+            !named.contains("str0m=debug") && !named.contains("is=info"),
+            "{named}"
+        );
+        assert!(
+            named.contains("str0m=warn") && named.contains("is=warn"),
+            "{named}"
+        );
+        // Only trace, asked for by name, opens one library.
+        let traced = log_filter(Some("haven=debug,str0m=trace"));
+        assert!(traced.contains("str0m=trace"), "{traced}");
+        assert!(!traced.contains("str0m=warn"), "{traced}");
+        assert!(traced.contains("dimpl=warn"), "{traced}");
+        // An empty RUST_LOG is the default.
+        assert_eq!(log_filter(Some(" ")), log_filter(None));
     }
 }

@@ -145,6 +145,30 @@ async fn every_token_failure_has_its_code_and_writes_nothing() {
     );
     assert_eq!(refused(&server, &over).await["code"], "session_over");
 
+    // token_invalid: a session window of years (a room open for ever), and times at the
+    // edge of the calendar, where adding the overrun would overflow.
+    let mut endless = claims();
+    endless["session"]["ends_at"] = json!("9999-12-31T23:59:59Z");
+    assert_eq!(
+        refused(&server, &sign(&key, &endless)).await["code"],
+        "token_invalid"
+    );
+    let mut edge = claims();
+    edge["session"]["starts_at"] = json!("9999-12-31T22:00:00Z");
+    edge["session"]["ends_at"] = json!("9999-12-31T23:59:59Z");
+    assert_eq!(
+        refused(&server, &sign(&key, &edge)).await["code"],
+        "token_invalid"
+    );
+    let mut before = claims();
+    before["session"]["starts_at"] = json!("-9999-01-01T00:00:00Z");
+    before["session"]["ends_at"] = json!("-9999-01-01T01:00:00Z");
+    let code = refused(&server, &sign(&key, &before)).await["code"].clone();
+    assert!(
+        code == "token_invalid" || code == "session_over",
+        "a session before the calendar: {code}"
+    );
+
     // wrong_audience
     let mut aud = claims();
     aud["aud"] = json!("another-service");
@@ -466,4 +490,33 @@ async fn a_rotated_jwks_file_is_picked_up_and_the_old_key_retired() {
     let mut s = Signal::connect(&server).await;
     s.join(&signed(&new, "k-new", "p-rot-04")).await;
     assert_eq!(s.recv().await["type"], "waiting");
+}
+
+#[tokio::test]
+async fn a_token_for_the_same_person_in_another_role_never_takes_over_their_stay() {
+    let server = Server::start();
+    let key = server.dev_key();
+    let therapist = server.token("sess-tok-id", "therapist", "t-tok-09", &[]);
+    let mut t = Signal::connect(&server).await;
+    t.join(&therapist).await;
+    assert_eq!(t.expect("joined").await["role"], "therapist");
+
+    // A client token whose subject is the therapist's: refused, the therapist stays.
+    let mut as_client = claims();
+    as_client["sub"] = json!("t-tok-09");
+    as_client["jti"] = json!("tok-test-id-1");
+    as_client["session"]["id"] = json!("sess-tok-id");
+    let msg = refused(&server, &sign(&key, &as_client)).await;
+    assert_eq!(msg["code"], "identity_conflict");
+
+    // The therapist's connection was not replaced: it still answers and can admit.
+    t.send(json!({"type": "ping"})).await;
+    assert_eq!(t.expect("pong").await["type"], "pong");
+    let client = server.token("sess-tok-id", "client", "p-tok-09", &[]);
+    let mut c = Signal::connect(&server).await;
+    c.join(&client).await;
+    c.expect("waiting").await;
+    t.send(json!({"type": "admit", "participant_id": "p-tok-09"}))
+        .await;
+    assert_eq!(c.expect("joined").await["role"], "client");
 }

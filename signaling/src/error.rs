@@ -24,6 +24,7 @@ pub enum ErrorCode {
     RateLimited,
     ServerDraining,
     AlreadyJoined,
+    IdentityConflict,
     NotAdmitted,
     Forbidden,
     UnknownParticipant,
@@ -55,6 +56,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ServerDraining => "server_draining",
             ErrorCode::AlreadyJoined => "already_joined",
+            ErrorCode::IdentityConflict => "identity_conflict",
             ErrorCode::NotAdmitted => "not_admitted",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::UnknownParticipant => "unknown_participant",
@@ -82,6 +84,7 @@ impl ErrorCode {
                 | ErrorCode::RoleNotAllowed
                 | ErrorCode::SponsorNotAllowed
                 | ErrorCode::TokenRevoked
+                | ErrorCode::IdentityConflict
                 | ErrorCode::ServerDraining
                 | ErrorCode::Internal
         )

@@ -565,6 +565,16 @@ impl Session {
         let who = grant.participant.clone();
 
         if let Some(m) = self.members.get(&who) {
+            // One person, one stay: a token for the same subject in another role (or for
+            // another client, as a sponsor) never continues it, nor ends it. Its role and
+            // links were granted by the token that opened it.
+            if m.role != grant.role || m.sponsor_for != grant.sponsor_for {
+                tracing::warn!(session_id = %self.id, participant_id = %who, role = ?grant.role, held_as = ?m.role, "join refused: the subject already holds a stay in another role");
+                return Err(SignalError::new(
+                    ErrorCode::IdentityConflict,
+                    "This person is already in the session in another role. Contact your program.",
+                ));
+            }
             let connected = m.outbox.is_some();
             let resumes = resume
                 .as_deref()

@@ -155,6 +155,10 @@ pub struct JoinGrant {
 /// Longest display name shown on screens; longer names are cut, not refused.
 const MAX_DISPLAY_NAME: usize = 64;
 
+/// The longest scheduled session a join token may name. Therapy sessions last an hour or
+/// three; a day is generous, and a window of years would keep a room open for ever.
+pub const MAX_SESSION_LENGTH: time::Duration = time::Duration::hours(24);
+
 pub struct TokenVerifier {
     /// Replaced whole when key files are read again (rotation); a check takes a snapshot, so
     /// the lock is held only to clone an `Arc`.
@@ -293,7 +297,16 @@ impl TokenVerifier {
     }
 
     fn check_window(&self, grant: &JoinGrant, now: OffsetDateTime) -> Result<(), SignalError> {
-        let opens_at = grant.starts_at - self.rules.join_opens_before;
+        // Times at the edge of the calendar (year 9999) would overflow.
+        let out_of_range = || invalid("The session times in the join link are out of range.");
+        let opens_at = grant
+            .starts_at
+            .checked_sub(duration(self.rules.join_opens_before))
+            .ok_or_else(out_of_range)?;
+        let closes_at = grant
+            .ends_at
+            .checked_add(duration(self.rules.overrun))
+            .ok_or_else(out_of_range)?;
         if now < opens_at {
             let mut e = SignalError::new(
                 ErrorCode::TooEarly,
@@ -302,7 +315,7 @@ impl TokenVerifier {
             e.opens_at = Some(opens_at);
             return Err(e);
         }
-        if now > grant.ends_at + self.rules.overrun {
+        if now > closes_at {
             return Err(SignalError::new(
                 ErrorCode::SessionOver,
                 "This session has ended; it can no longer be joined.",
@@ -332,6 +345,11 @@ fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
     if c.session.ends_at <= c.session.starts_at {
         return Err(invalid(
             "The session in the join link ends before it starts.",
+        ));
+    }
+    if c.session.ends_at - c.session.starts_at > MAX_SESSION_LENGTH {
+        return Err(invalid(
+            "The session in the join link is longer than a day; ask the program for a new link.",
         ));
     }
     if c.jti.is_empty() || c.jti.len() > 128 {
@@ -377,6 +395,11 @@ fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
         admission: c.session.admission,
         sponsor_for,
     })
+}
+
+/// A configured duration as a calendar one (saturating; configured durations are minutes).
+fn duration(d: Duration) -> time::Duration {
+    time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
 }
 
 fn invalid(message: &str) -> SignalError {
