@@ -7,12 +7,16 @@
 //! room sees a TCP frame as a datagram whose answers go back through the connection's
 //! [`TcpWriter`].
 //!
-//! A connection costs two small tasks. It is closed when it is idle for [`TCP_IDLE`] (a live
-//! peer sends a consent check every few seconds), when its peer closes it, or when its writer
-//! falls [`TCP_WRITE_QUEUE`] frames behind for good (the peer stopped reading).
+//! A connection costs two small tasks. It is closed when no packet came on it for
+//! [`TCP_IDLE`] (a live peer sends a consent check every few seconds; empty frames do not
+//! count), when its peer closes it, or when its writer falls [`TCP_WRITE_QUEUE`] frames
+//! behind for good (the peer stopped reading). One address holds at most
+//! [`MAX_TCP_PER_ADDRESS`] connections, so a single host cannot take the whole port from
+//! everyone else's TCP-only participants.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +26,10 @@ use tokio::sync::{mpsc, Semaphore};
 /// Connections open at once on the node; further ones are refused until one closes. A room of
 /// 16 needs 32 (two per participant).
 pub const MAX_TCP_CONNECTIONS: usize = 2048;
+
+/// Connections open at once from one IP address. A participant needs two; a clinic or a
+/// household behind one NAT address has room for 32 participants.
+pub const MAX_TCP_PER_ADDRESS: usize = 64;
 
 /// A connection with no frame for this long is closed. Peers send ICE consent checks every
 /// few seconds (RFC 7675), so only a dead or idle connection gets here.
@@ -108,6 +116,7 @@ pub fn frame(packet: &[u8]) -> Vec<u8> {
 /// Accepts ICE-TCP connections until the event receiver (the socket task) is gone.
 pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let per_address = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let (stream, source) = match listener.accept().await {
             Ok(v) => v,
@@ -128,12 +137,56 @@ pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
             );
             continue;
         };
+        let Some(per_address) = AddressSlot::take(&per_address, source.ip()) else {
+            tracing::debug!(
+                limit = MAX_TCP_PER_ADDRESS,
+                "ice-tcp connection refused, at the limit for its address"
+            );
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let events = events.clone();
         tokio::spawn(async move {
             serve(stream, source, events).await;
+            drop(per_address);
             drop(slot);
         });
+    }
+}
+
+/// Open connections per address.
+type AddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection's place in its address's count; leaving frees it.
+struct AddressSlot {
+    counts: AddressCounts,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(counts: &AddressCounts, ip: IpAddr) -> Option<AddressSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_TCP_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -153,13 +206,20 @@ async fn serve(stream: TcpStream, source: SocketAddr, events: mpsc::Sender<TcpEv
 
     let mut decoder = FrameDecoder::default();
     let mut buf = vec![0u8; 8192];
+    // Only packets keep a connection open: bytes that never make a packet (empty frames, a
+    // frame that never completes) do not.
+    let mut idle_until = tokio::time::Instant::now() + TCP_IDLE;
     loop {
-        let n = match tokio::time::timeout(TCP_IDLE, read.read(&mut buf)).await {
+        let n = match tokio::time::timeout_at(idle_until, read.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(n)) => n,
         };
         decoder.extend(&buf[..n]);
         while let Some(data) = decoder.next_frame() {
+            if data.is_empty() {
+                continue;
+            }
+            idle_until = tokio::time::Instant::now() + TCP_IDLE;
             let event = TcpEvent::Frame {
                 source,
                 writer: writer.clone(),
@@ -203,6 +263,82 @@ mod tests {
         out.extend(std::iter::from_fn(|| d.next_frame()));
         assert_eq!(out, vec![vec![1, 2, 3], vec![], vec![9; 300]]);
         assert!(d.next_frame().is_none());
+    }
+
+    /// Accepts on a loopback port; frames go to the returned receiver.
+    async fn listening() -> (SocketAddr, mpsc::Receiver<TcpEvent>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(accept(listener, tx));
+        (addr, rx)
+    }
+
+    /// Whether the server closed `stream` within a second (as opposed to keeping it open).
+    async fn closed_by_server(stream: &mut TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_of_connections() {
+        let (addr, mut events) = listening().await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_TCP_PER_ADDRESS {
+            held.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // The next one from the same address is closed at once.
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        assert!(
+            closed_by_server(&mut extra).await,
+            "over the per-address limit"
+        );
+        // Those within the limit are served: a frame on the last one reaches the socket task.
+        let last = held.last_mut().expect("connections");
+        last.write_all(&frame(&[0, 1, 2])).await.expect("write");
+        let got = tokio::time::timeout(Duration::from_secs(2), events.recv())
+            .await
+            .expect("a frame in time")
+            .expect("an event");
+        assert!(matches!(got, TcpEvent::Frame { ref data, .. } if data == &[0, 1, 2]));
+        // Closing one frees its place for a new connection.
+        drop(held.pop());
+        let mut again = None;
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            if !closed_by_server(&mut s).await {
+                again = Some(s);
+                break;
+            }
+        }
+        assert!(again.is_some(), "a place came free after a close");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_frames_do_not_keep_a_connection_open() {
+        let (addr, _events) = listening().await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        // An empty frame every 10 s, three times as long as the idle limit.
+        let mut closed = false;
+        for _ in 0..(TCP_IDLE.as_secs() * 3 / 10) {
+            if s.write_all(&frame(&[])).await.is_err() {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        // Had the empty frames counted, the connection would stay open until 30 s after the
+        // last of them, well past this short wait.
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte)).await;
+        closed = closed || matches!(read, Ok(Ok(0)) | Ok(Err(_)));
+        assert!(
+            closed,
+            "the server closed a connection that only sent empty frames"
+        );
     }
 
     #[test]
