@@ -1015,3 +1015,136 @@ async fn bandwidth_cap_below_the_top_layer_moves_only_that_subscriber_down() {
         who.leave().await;
     }
 }
+
+/// A downlink cap under the lowest layer and above audio alone (the lowest layer is about
+/// 150 kbit/s, audio about 50).
+const AUDIO_ONLY_CAP_KBPS: u64 = 100;
+
+/// A link that cannot carry even the lowest layer: video to that subscriber pauses, the
+/// subscriber and the ledger learn it is audio-only, its audio goes on; when the link grows,
+/// video comes back (by trial, as the estimate cannot learn the link grew from audio alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_too_small_for_any_video_goes_audio_only_and_video_returns_when_it_grows() {
+    let _turn = one_at_a_time().await;
+    common::require_netns("impairment");
+    let server = Server::start();
+    let session = "sess-imp-ao";
+    let proxy = Proxy::start(media_addr(&server).await, SEED).await;
+
+    let t = therapist_joined(&server, session, Camera::Simulcast).await;
+    let open = client("p-01", 2, Route::Udp, Camera::Off).start(&server, session);
+    let weak = client("p-02", 3, Route::Proxy(proxy.addr()), Camera::Off).start(&server, session);
+    for who in [&open, &weak] {
+        until_receives(&server, who, &t, Kind::Audio).await;
+        until_receives(&server, who, &t, Kind::Video).await;
+    }
+    let video = |who: &Live| who.seen.arrivals(t.index, Kind::Video);
+    let audio = |who: &Live| who.seen.arrivals(t.index, Kind::Audio);
+    let modality = |who: &Live, m: &str| {
+        who.said
+            .of_type("modality")
+            .into_iter()
+            .filter(|(_, v)| v["modality"] == m)
+            .collect::<Vec<_>>()
+    };
+
+    proxy.set(Dir::Down, Impairment::rate_kbps(AUDIO_ONLY_CAP_KBPS));
+    let capped = Instant::now();
+    let paused = until(DEADLINE, || !modality(&weak, "audio_only").is_empty()).await;
+    let told = modality(&weak, "audio_only");
+    let Some((told_at, told_msg)) = told.first().cloned() else {
+        panic!(
+            "no audio_only within {DEADLINE:?} of a {AUDIO_ONLY_CAP_KBPS} kbit/s cap ({paused}); \
+             quality: {}",
+            quality_of(&t, weak.id, capped)
+        );
+    };
+    eprintln!(
+        "figure: audio_only p-02 told {told_msg} {} ms after the cap",
+        (told_at - capped).as_millis()
+    );
+    assert_eq!(told_msg["reason"], "bandwidth", "{told_msg}");
+
+    // Paused: for the next 3 s (a try of video comes only after 4 s) audio flows as it does
+    // to the uncapped subscriber, and video has stopped once the link's queue drained.
+    let quiet_from = told_at + Duration::from_millis(1000);
+    let quiet_to = told_at + Duration::from_millis(3500);
+    tokio::time::sleep_until((quiet_to + Duration::from_millis(200)).into()).await;
+    let video_while_paused = video(&weak)
+        .iter()
+        .filter(|a| a.at > quiet_from && a.at < quiet_to)
+        .count();
+    let audio_while_paused = audio(&weak)
+        .iter()
+        .filter(|a| a.at > quiet_from && a.at < quiet_to)
+        .count();
+    let (excess, silence) = excess_silence(
+        &audio(&weak),
+        &audio(&open),
+        quiet_from,
+        quiet_to,
+        MAX_AUDIO_GAP_UNDER_CAP,
+    );
+    eprintln!(
+        "figure: audio_only p-02 while paused (2.5 s): {audio_while_paused} audio packets, \
+         {video_while_paused} video packets, longest audio silence {} ms",
+        silence.as_millis()
+    );
+    assert_eq!(video_while_paused, 0, "video kept flowing after audio_only");
+    let open_audio = audio(&open)
+        .iter()
+        .filter(|a| a.at > quiet_from && a.at < quiet_to)
+        .count();
+    eprintln!("figure: audio_only p-01 (uncapped) audio in the same 2.5 s: {open_audio}");
+    assert!(
+        audio_while_paused * 10 >= open_audio * 8,
+        "audio to the paused subscriber: {audio_while_paused} packets in 2.5 s, to the \
+         uncapped one {open_audio}"
+    );
+    assert!(
+        excess <= MAX_AUDIO_GAP_UNDER_CAP,
+        "audio stopped for {silence:?} while paused"
+    );
+    // The uncapped subscriber kept its video all along.
+    let open_video = video(&open)
+        .iter()
+        .filter(|a| a.at > quiet_from && a.at < quiet_to)
+        .count();
+    assert!(open_video > 50, "uncapped video while p-02 paused: {open_video}");
+
+    // Keep the cap a while longer (a try of video fails, and the wait doubles), then lift it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.set(Dir::Down, Impairment::default());
+    let lifted = Instant::now();
+    let back = until(DEADLINE, || {
+        modality(&weak, "video").iter().any(|(at, _)| *at > lifted)
+            && video(&weak).iter().any(|a| a.at > lifted + Duration::from_millis(500))
+    })
+    .await;
+    let back_after = video(&weak)
+        .iter()
+        .filter(|a| a.at > lifted + Duration::from_millis(500))
+        .map(|a| a.at - lifted)
+        .min();
+    let said: Vec<String> = weak
+        .said
+        .of_type("modality")
+        .into_iter()
+        .map(|(at, m)| format!("{}ms:{}", (at - capped).as_millis(), m["modality"]))
+        .collect();
+    eprintln!(
+        "figure: audio_only p-02 modality messages since the cap {said:?}; video back {:?} ms \
+         after lifting",
+        back_after.map(|d| d.as_millis())
+    );
+    assert!(back, "video did not come back within {DEADLINE:?} of lifting the cap");
+
+    // The ledger learned both changes.
+    for who in [weak, open, t] {
+        who.leave().await;
+    }
+    let kinds = ledger_kinds(&server, "p-02");
+    eprintln!("figure: audio_only ledger p-02 {kinds:?}");
+    let changes = kinds.iter().filter(|k| *k == "modality_changed").count();
+    assert!(changes >= 2, "audio-only and back in the ledger: {kinds:?}");
+}

@@ -52,6 +52,17 @@ pub const LOSS_CONFIRM: Duration = Duration::from_secs(3);
 /// The longest wait between two steps up.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
+/// How long video stays paused for bandwidth before the lowest layer is tried again. While
+/// only audio is sent the estimate cannot learn that the link grew, so video comes back by
+/// trial, as a step up does.
+pub const RESUME_HOLD: Duration = Duration::from_secs(4);
+
+/// The longest wait between two tries; each try that ends in a pause again doubles the wait.
+pub const MAX_RESUME_HOLD: Duration = Duration::from_secs(32);
+
+/// A pause this soon after a try means the try failed.
+const FAILED_RESUME: Duration = Duration::from_secs(10);
+
 /// What one Opus stream is assumed to need, including RTP and SRTP overhead.
 pub const AUDIO_BPS: u64 = 48_000;
 
@@ -300,6 +311,12 @@ pub struct Allocator {
     lowest_since: Option<Instant>,
     /// Whether the estimate's last report lowered it (see [`Allocator::set_falling`]).
     falling: bool,
+    /// Since when video has been paused for bandwidth (or since the last failed try).
+    paused_since: Option<Instant>,
+    /// The wait before the next try of video after a pause; `None` is [`RESUME_HOLD`].
+    resume_hold: Option<Duration>,
+    /// When video was last tried again after a pause.
+    resumed_at: Option<Instant>,
 }
 
 impl Allocator {
@@ -378,6 +395,17 @@ impl Allocator {
         let mut budget =
             estimate_bps.map(|e| ((e as f64 * ESTIMATE_SHARE) as u64).saturating_sub(audio));
         let staying_audio_only = self.audio_only == Some(AudioOnlyReason::Bandwidth);
+        // Paused long enough with a clean link: the lowest layer of one video is tried again.
+        let mut resume_trial = staying_audio_only
+            && !losing
+            && !self.falling
+            && self.paused_since.is_some_and(|t| {
+                now.saturating_duration_since(t) >= self.resume_hold.unwrap_or(RESUME_HOLD)
+            });
+        let mut tried = false;
+        let on_trial = self
+            .resumed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < FAILED_RESUME);
 
         // Larger shown videos first; unknown sizes count as large.
         let mut order: Vec<usize> = (0..needs.len()).collect();
@@ -420,11 +448,20 @@ impl Allocator {
 
             let choice = match (previous, by_budget) {
                 // Audio-only stays until the budget covers the lowest layer with headroom.
+                (None, None) if staying_audio_only && resume_trial => {
+                    resume_trial = false;
+                    tried = true;
+                    Some(lowest)
+                }
                 (None, _) if staying_audio_only => by_budget,
                 // Nothing fits: with loss, pause; without, the lowest layer.
                 // Nothing fits and packets are lost: the lowest layer first, and a pause only
                 // if the loss goes on there (a link that suddenly shrank usually still carries
                 // the lowest layer, while its estimate has collapsed for a while).
+                // A try of video after a pause that brings loss back ends at once: the pause
+                // before it already showed the link cannot carry the lowest layer, and audio
+                // must not suffer for the try longer than the loss takes to be reported.
+                (Some(_), None) if losing && on_trial => None,
                 (Some(p), None) if losing && p.layer > lowest.layer => Some(lowest),
                 (Some(_), None)
                     if losing
@@ -528,6 +565,24 @@ impl Allocator {
         }
 
         let audio_only = (shown > 0 && starved == shown).then_some(AudioOnlyReason::Bandwidth);
+        if audio_only.is_some() && !staying_audio_only {
+            // Paused now. If the last try of video is what just failed, wait twice as long.
+            let failed = self
+                .resumed_at
+                .is_some_and(|t| now.saturating_duration_since(t) < FAILED_RESUME);
+            self.resume_hold = failed.then(|| {
+                self.resume_hold
+                    .unwrap_or(RESUME_HOLD)
+                    .saturating_mul(2)
+                    .min(MAX_RESUME_HOLD)
+            });
+            self.paused_since = Some(now);
+        } else if audio_only.is_none() {
+            self.paused_since = None;
+        }
+        if tried {
+            self.resumed_at = Some(now);
+        }
         self.last = wants.clone();
         self.audio_only = audio_only;
         let desired_bps =
@@ -686,6 +741,55 @@ mod tests {
         let out = a.allocate(s(3), Some(300_000), false, 1, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
+    }
+
+    #[test]
+    fn paused_video_is_tried_again_on_a_clean_link_and_a_failed_try_waits_longer() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut a = Allocator::default();
+        let n = [need(None)];
+        let paused = Some(AudioOnlyReason::Bandwidth);
+        let low = vec![Want::Layer(Layer::Low)];
+        // The lowest layer, then loss there for LOSS_CONFIRM: paused.
+        assert_eq!(
+            a.allocate(ms(0), Some(100_000), false, 1, false, &n).wants,
+            low
+        );
+        assert_eq!(
+            a.allocate(ms(500), Some(100_000), true, 1, false, &n).wants,
+            low
+        );
+        let out = a.allocate(ms(3500), Some(100_000), true, 1, false, &n);
+        assert_eq!(out.audio_only, paused);
+        // The loss stops (only audio is sent), but the estimate, which learns from what is
+        // sent, stays far below the lowest layer: no try before RESUME_HOLD.
+        let out = a.allocate(ms(5500), Some(100_000), false, 1, false, &n);
+        assert_eq!(out.audio_only, paused);
+        // RESUME_HOLD after the pause, on a clean link: the lowest layer, on trial.
+        let out = a.allocate(ms(7500), Some(100_000), false, 1, false, &n);
+        assert_eq!(out.wants, low);
+        assert_eq!(out.audio_only, None);
+        // It holds while the link carries it (no loss), even with a low estimate.
+        assert_eq!(
+            a.allocate(ms(8000), Some(110_000), false, 1, false, &n)
+                .wants,
+            low
+        );
+        // The link still cannot carry it: the first loss report ends the try (no
+        // LOSS_CONFIRM this time; the audio has suffered enough).
+        let out = a.allocate(ms(8500), Some(100_000), true, 1, false, &n);
+        assert_eq!(out.audio_only, paused);
+        // The failed try doubles the wait: nothing at RESUME_HOLD, a try at twice it.
+        let out = a.allocate(ms(8500 + 4_500), Some(100_000), false, 1, false, &n);
+        assert_eq!(out.audio_only, paused);
+        let out = a.allocate(ms(8500 + 8_000), Some(100_000), false, 1, false, &n);
+        assert_eq!(out.wants, low);
+        // Never while the link is still losing.
+        let mut b = Allocator::default();
+        b.allocate(ms(0), Some(100_000), true, 1, false, &n);
+        let out = b.allocate(ms(30_000), Some(100_000), true, 1, false, &n);
+        assert_eq!(out.audio_only, paused);
     }
 
     #[test]
