@@ -1110,7 +1110,10 @@ async fn a_link_too_small_for_any_video_goes_audio_only_and_video_returns_when_i
         .iter()
         .filter(|a| a.at > quiet_from && a.at < quiet_to)
         .count();
-    assert!(open_video > 50, "uncapped video while p-02 paused: {open_video}");
+    assert!(
+        open_video > 50,
+        "uncapped video while p-02 paused: {open_video}"
+    );
 
     // Keep the cap a while longer (a try of video fails, and the wait doubles), then lift it.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1118,7 +1121,9 @@ async fn a_link_too_small_for_any_video_goes_audio_only_and_video_returns_when_i
     let lifted = Instant::now();
     let back = until(DEADLINE, || {
         modality(&weak, "video").iter().any(|(at, _)| *at > lifted)
-            && video(&weak).iter().any(|a| a.at > lifted + Duration::from_millis(500))
+            && video(&weak)
+                .iter()
+                .any(|a| a.at > lifted + Duration::from_millis(500))
     })
     .await;
     let back_after = video(&weak)
@@ -1137,7 +1142,10 @@ async fn a_link_too_small_for_any_video_goes_audio_only_and_video_returns_when_i
          after lifting",
         back_after.map(|d| d.as_millis())
     );
-    assert!(back, "video did not come back within {DEADLINE:?} of lifting the cap");
+    assert!(
+        back,
+        "video did not come back within {DEADLINE:?} of lifting the cap"
+    );
 
     // The ledger learned both changes.
     for who in [weak, open, t] {
