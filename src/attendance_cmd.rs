@@ -225,10 +225,9 @@ pub fn run(cmd: AttendanceCmd) -> anyhow::Result<ExitCode> {
             let report = ledger.verify()?;
             if report.is_intact() {
                 println!(
-                    "ledger intact: {} entries and {} logged reads, hash chains verified; \
-                     last hash {}",
-                    report.entries,
-                    report.reads,
+                    "ledger intact: {} and {}, hash chains verified; last hash {}",
+                    count(report.entries, "entry", "entries"),
+                    count(report.reads, "logged read", "logged reads"),
                     report.last_hash.as_deref().unwrap_or("-")
                 );
                 return Ok(ExitCode::SUCCESS);
@@ -401,4 +400,22 @@ fn emit(out: &str) -> anyhow::Result<ExitCode> {
 
 fn pretty(v: &serde_json::Value) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(v)? + "\n")
+}
+
+/// `1 entry`, `2 entries`, `0 entries`.
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_are_singular_for_one_only() {
+        assert_eq!(count(0, "logged read", "logged reads"), "0 logged reads");
+        assert_eq!(count(1, "logged read", "logged reads"), "1 logged read");
+        assert_eq!(count(1, "entry", "entries"), "1 entry");
+        assert_eq!(count(2, "entry", "entries"), "2 entries");
+    }
 }

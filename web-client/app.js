@@ -155,6 +155,8 @@ const chosen = { audioId: '', videoId: '' };
 
 /** @type {SignalingChannel | null} */
 let channel = null;
+/** Whether someone else has left the room during this stay (for the note shown when alone). */
+let othersLeft = false;
 /** Whether the current socket has had an answer to its `join` (waiting, joined or left). */
 let answered = false;
 /** @type {SubscribeConnection | null} */
@@ -755,7 +757,7 @@ function removeParticipant(id, reason) {
   const person = state.participants.find((p) => p.participant_id === id);
   state.participants = state.participants.filter((p) => p.participant_id !== id);
   tiles.get(id)?.remove();
-  tiles.delete(id);
+  if (tiles.delete(id)) othersLeft = true;
   delete state.quality[id];
   delete state.displaySizes[id];
   delete state.mediaStats[id];
@@ -782,13 +784,33 @@ function updateLayout() {
   grid.dataset.layout = remote === 0 ? 'alone' : remote === 1 ? 'one-on-one' : 'group';
   const total = remote + 1;
   grid.dataset.cols = String(total <= 4 ? 2 : total <= 9 ? 3 : 4);
-  byId('alone-note', HTMLElement).hidden = remote > 0;
+  updateAloneNote();
 
   // One-on-one: the remote tile first (the large one), the self view after it (the inset).
   if (selfTile) {
     if (remote === 1) grid.append(selfTile.element);
     else grid.prepend(selfTile.element);
   }
+}
+
+/**
+ * The note above an empty grid: nobody has come yet, or everyone else has left; for a
+ * therapist, also how many people wait to be admitted.
+ */
+function updateAloneNote() {
+  const note = byId('alone-note', HTMLElement);
+  note.hidden = tiles.size > 0;
+  if (note.hidden) return;
+  const waiting = state.role === 'therapist' ? state.waiting.length : 0;
+  if (waiting === 0) {
+    note.textContent = othersLeft
+      ? 'Everyone else has left the session.'
+      : 'You are the only one here so far.';
+    return;
+  }
+  const here = othersLeft ? 'Everyone else has left the session' : 'Nobody else is in the session yet';
+  const queue = waiting === 1 ? '1 person is' : `${waiting} people are`;
+  note.textContent = `${here}; ${queue} waiting to be admitted.`;
 }
 
 // ---- what arrives: active speaker, camera off, quality -----------------------------------
@@ -958,14 +980,17 @@ function onWaitingList(waiting) {
   const before = new Set(state.waiting.map((p) => p.participant_id));
   state.waiting = waiting;
   renderWaitingList(waiting, therapistActions);
+  updateAloneNote();
 
   // Announce arrivals by name; otherwise only a shorter list is news.
   const arrived = waiting.filter((p) => !before.has(p.participant_id));
   if (arrived.length > 0) {
     const who = arrived.map(personLabel).join(', ');
     announce(`${who} ${arrived.length === 1 ? 'is' : 'are'} waiting to be admitted.`);
+  } else if (waiting.length === 0 && before.size > 0) {
+    announce('Nobody is waiting.');
   } else if (waiting.length < before.size) {
-    announce(`${waiting.length} ${waiting.length === 1 ? 'person is' : 'people are'} waiting.`);
+    announce(`${waiting.length} ${waiting.length === 1 ? 'person is' : 'people are'} still waiting.`);
   }
 }
 
@@ -1288,6 +1313,7 @@ function backToStart() {
   state.micOn = true;
   timing.wsOpen = null;
   timing.firstRemoteFrame = null;
+  othersLeft = false;
   leaving = false;
   byId('leave-button', HTMLButtonElement).disabled = false;
   byId('waiting-leave-button', HTMLButtonElement).disabled = false;
@@ -1496,7 +1522,8 @@ window.addEventListener('online', () => {
 const networkInfo = /** @type {{connection?: EventTarget}} */ (navigator).connection;
 networkInfo?.addEventListener('change', onNetworkChange);
 
-// Closing the tab ends the stay on Haven's side too; close cleanly so it knows at once.
+// Closing the tab closes the socket cleanly, so Haven knows at once; it holds the stay for
+// the resume grace period (a reload continues it), then ends it as `connection_lost`.
 window.addEventListener('pagehide', () => {
   const closing = channel;
   channel = null;

@@ -395,7 +395,7 @@ export function qualityLabel(quality) {
     case 'good': return 'Connection good';
     case 'fair': return 'Connection fair';
     case 'poor': return 'Connection poor';
-    default: return 'Connection not measured (no media arriving yet)';
+    default: return 'Connection not measured (no media arriving)';
   }
 }
 

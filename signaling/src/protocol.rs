@@ -94,6 +94,14 @@ impl ClientMsg {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|_| {
             SignalError::new(ErrorCode::BadMessage, "The message is not valid JSON.")
         })?;
+        // serde_json keeps the last of repeated keys; a message that says two things at once
+        // is refused instead, so nothing in front of Haven can read it differently.
+        if serde_json::from_str::<NoRepeatedKeys>(text).is_err() {
+            return Err(SignalError::new(
+                ErrorCode::BadMessage,
+                "The message has the same field more than once; send each field once.",
+            ));
+        }
         let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
             return Err(SignalError::new(
                 ErrorCode::BadMessage,
@@ -114,6 +122,71 @@ impl ClientMsg {
                 format!("The \"{kind}\" message is malformed: {e}."),
             )
         })
+    }
+}
+
+/// Checks that no JSON object, at any depth, repeats a key; keeps nothing.
+struct NoRepeatedKeys;
+
+impl<'de> Deserialize<'de> for NoRepeatedKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoRepeatedKeysVisitor)
+    }
+}
+
+struct NoRepeatedKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoRepeatedKeysVisitor {
+    type Value = NoRepeatedKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value without repeated keys")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<NoRepeatedKeys, E> {
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<NoRepeatedKeys, E> {
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<NoRepeatedKeys, E> {
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<NoRepeatedKeys, E> {
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<NoRepeatedKeys, E> {
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_unit<E>(self) -> Result<NoRepeatedKeys, E> {
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<NoRepeatedKeys, A::Error> {
+        while seq.next_element::<NoRepeatedKeys>()?.is_some() {}
+        Ok(NoRepeatedKeys)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<NoRepeatedKeys, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key) {
+                return Err(serde::de::Error::custom("repeated key"));
+            }
+            map.next_value::<NoRepeatedKeys>()?;
+        }
+        Ok(NoRepeatedKeys)
     }
 }
 
@@ -304,6 +377,39 @@ mod tests {
         assert!(matches!(
             ClientMsg::parse(r#"{"type":"leave","extra":1}"#),
             Ok(ClientMsg::Leave)
+        ));
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_at_any_depth() {
+        let code = |s: &str| ClientMsg::parse(s).err().map(|e| e.code);
+        assert_eq!(
+            code(r#"{"type":"mute","participant_id":"p-01","muted":true,"muted":false}"#),
+            Some(ErrorCode::BadMessage)
+        );
+        // The same key spelled with an escape is the same key.
+        assert_eq!(
+            code(r#"{"type":"leave","\u0074ype":"ping"}"#),
+            Some(ErrorCode::BadMessage)
+        );
+        assert_eq!(
+            code(r#"{"type":"leave","extra":[{"a":1,"a":2}]}"#),
+            Some(ErrorCode::BadMessage)
+        );
+        // Not valid JSON is still said as such, and the same key in sibling objects is fine.
+        assert_eq!(
+            ClientMsg::parse(r#"{"type":"leave","#)
+                .err()
+                .map(|e| e.message),
+            Some("The message is not valid JSON.".to_owned())
+        );
+        assert!(matches!(
+            ClientMsg::parse(r#"{"type":"leave","extra":[{"a":1},{"a":2}],"nested":{"a":null}}"#),
+            Ok(ClientMsg::Leave)
+        ));
+        assert!(matches!(
+            ClientMsg::parse(r#"{"type":"admit","participant_id":"p-01"}"#),
+            Ok(ClientMsg::Admit { .. })
         ));
     }
 

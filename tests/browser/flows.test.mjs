@@ -201,9 +201,25 @@ describe('web client flows', { timeout: 240_000 }, () => {
       await shot(client, 'flows-waiting.png');
       await accessible(client, 'waiting');
 
+      // Alone in the room, the therapist is told someone waits, not that nobody is here.
+      await therapist.page.locator('#alone-note',
+        { hasText: 'Nobody else is in the session yet; 1 person is waiting to be admitted.' }).waitFor();
+      // What the live region says from here on.
+      await therapist.page.evaluate(() => {
+        const region = /** @type {HTMLElement} */ (document.querySelector('#announcer'));
+        const said = /** @type {string[]} */ ([]);
+        Object.assign(globalThis, { announced: said });
+        new MutationObserver(() => { if (region.textContent) said.push(region.textContent); })
+          .observe(region, { childList: true, characterData: true, subtree: true });
+      });
+
       await therapist.page.getByRole('button', { name: /^Admit .*(p-01|Sam Rivera)/ }).click();
       await waitForScreen(client.page, 'call');
       await Promise.all([videoFlowing(therapist, 1), videoFlowing(client, 1)]);
+      assert.equal(await therapist.page.locator('#alone-note').isVisible(), false);
+      const announced = await therapist.page.evaluate(() => globalThis.announced);
+      assert.ok(!announced.some((sentence) => /\b0 people/.test(sentence)),
+        `announced after Admit: ${JSON.stringify(announced)}`);
 
       const timing = await client.page.evaluate(() => ({ ...window.haven.timing }));
       figures.ws_open_to_first_frame_ms = Math.round(timing.firstRemoteFrame - timing.wsOpen);
@@ -335,12 +351,18 @@ describe('web client flows', { timeout: 240_000 }, () => {
       await accessible(client, 'ended');
       await therapist.page.waitForFunction(
         () => !window.haven.state.participants.some((p) => p.participant_id === 'p-01'));
+      // Not "the only one here so far": someone was here and left.
+      await therapist.page.locator('#alone-note',
+        { hasText: 'Everyone else has left the session.' }).waitFor();
     });
 
     test('the therapist denies a waiting person', async () => {
       const other = await open('one-denied', { viewport: PHONE });
       await joinFrom(other, await link(SESSION, 'client', 'p-02'));
       await waitForScreen(other.page, 'waiting');
+      await therapist.page.locator('#alone-note', {
+        hasText: 'Everyone else has left the session; 1 person is waiting to be admitted.',
+      }).waitFor();
       await therapist.page.getByRole('button', { name: /^Deny .*p-02/ }).click();
       await waitForScreen(other.page, 'ended');
       assert.equal((await state(other)).endedReason, 'denied');
