@@ -55,7 +55,7 @@ fn log_filter(rust_log: Option<&str>) -> String {
 }
 
 /// How often the node proves it is alive in the ledger; a crash is credited no further.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = attendance::HEARTBEAT_INTERVAL;
 
 /// Tokens that may no longer join, one JSON object per line.
 const REVOCATIONS_FILE: &str = "revocations.jsonl";
@@ -147,7 +147,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let ledger = attendance::LedgerHandle::spawn(ledger);
 
     // Before anything is recorded: stays a crash of this node left open are closed at its
-    // last heartbeat, so no time is credited past the last proof of presence.
+    // last heartbeat, so no time is credited past the last proof of presence. Stays of other
+    // nodes (another `node_id` of this server, or a node sharing the ledger that died) are
+    // closed the same way by the heartbeats below, once that node has been silent for
+    // `attendance::HEARTBEAT_STALE`.
     let node = attendance::NodeId::parse(&config.node_id).context("invalid node_id")?;
     let recovered = ledger
         .recover(node.clone())
@@ -165,8 +168,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(HEARTBEAT);
         loop {
             tick.tick().await;
-            if let Err(e) = heartbeat_ledger.heartbeat(node.clone()).await {
-                tracing::error!(code = e.code(), error = %e, "ledger heartbeat failed");
+            match heartbeat_ledger.heartbeat(node.clone()).await {
+                Ok(recovered) => {
+                    for (gone, r) in recovered {
+                        tracing::warn!(
+                            node = %gone,
+                            sessions = r.sessions,
+                            stays = r.stays_closed,
+                            "closed stays of a node silent too long, at its last heartbeat"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(code = e.code(), error = %e, "ledger heartbeat failed");
+                }
             }
         }
     });

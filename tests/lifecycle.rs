@@ -470,3 +470,70 @@ async fn a_sponsor_accompanies_a_client_not_a_therapist() {
         .await;
     assert_eq!(t.expect("error").await["code"], "client_not_present");
 }
+
+/// `(at, kind_json)` of the participant's entries in the session, read from the SQLite file.
+fn stay_entries(server_dir: &std::path::Path, session: &str, who: &str) -> Vec<(i64, String)> {
+    let db = rusqlite::Connection::open_with_flags(
+        server_dir.join("attendance.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open ledger");
+    let mut stmt = db
+        .prepare(
+            "SELECT at, kind_json FROM ledger_entries WHERE session_id = ?1 \
+             AND participant_id = ?2 ORDER BY seq",
+        )
+        .expect("query");
+    let rows = stmt
+        .query_map([session, who], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("rows");
+    rows.collect::<Result<_, _>>().expect("rows")
+}
+
+/// The server is killed with SIGKILL and started again under another node id: the stays the
+/// old node left open are closed at its last heartbeat by the new node's heartbeats, once the
+/// old node has been silent for the stale threshold (30 s).
+#[tokio::test]
+async fn stays_left_by_a_node_restarted_under_another_id_end_at_its_last_heartbeat() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut first = Server::start_in_with_env(dir.path(), &[("HAVEN_NODE_ID", "haven-1")]);
+    let _t = therapist_in(&first, "sess-renamed", &[]).await;
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let admitted_at = stay_entries(dir.path(), "sess-renamed", "t-lc-01")
+        .first()
+        .map(|e| e.0)
+        .expect("admitted");
+    let heartbeat: i64 = rusqlite::Connection::open(dir.path().join("attendance.sqlite3"))
+        .expect("open ledger")
+        .query_row(
+            "SELECT at FROM node_heartbeats WHERE node_id = 'haven-1'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("haven-1 heartbeat");
+
+    let second = Server::start_in_with_env(dir.path(), &[("HAVEN_NODE_ID", "haven-2")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let closed = loop {
+        let entries = stay_entries(dir.path(), "sess-renamed", "t-lc-01");
+        if let Some(e) = entries.iter().find(|e| e.1.contains("node_recovered")) {
+            break e.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "haven-1's stay never closed: {entries:?}\n{}",
+            second.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // At haven-1's last heartbeat, or at the admission if that came after it.
+    assert_eq!(closed.0, heartbeat.max(admitted_at));
+    assert!(
+        second
+            .log_text()
+            .contains("closed stays of a node silent too long"),
+        "{}",
+        second.log_text()
+    );
+}

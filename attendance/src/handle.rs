@@ -87,9 +87,14 @@ impl LedgerHandle {
         self.run(|l| l.verify()).await
     }
 
-    /// Records that `node` is alive now. Call every few seconds; it overwrites one row. The
-    /// first call of a node in a process runs [`LedgerHandle::recover`] first.
-    pub async fn heartbeat(&self, node: NodeId) -> Result<(), LedgerError> {
+    /// Records that `node` is alive now, then closes the open stays of other nodes that are
+    /// gone, at their last heartbeat; returns those nodes (see [`Ledger::heartbeat_at`]).
+    /// Call every [`HEARTBEAT_INTERVAL`](crate::HEARTBEAT_INTERVAL); it overwrites one row.
+    /// The first call of a node in a process runs [`LedgerHandle::recover`] first.
+    pub async fn heartbeat(
+        &self,
+        node: NodeId,
+    ) -> Result<Vec<(NodeId, RecoveryReport)>, LedgerError> {
         self.run(move |l| l.heartbeat(&node)).await
     }
 

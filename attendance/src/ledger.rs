@@ -6,19 +6,22 @@
 //! recompute every hash after them; the chain alone cannot show that. Record the `last_hash`
 //! of a [`VerifyReport`] somewhere else (a report, a ticket) and compare it later to catch it.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use haven_ids::{ParticipantId, Role, SessionId};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tracing::{debug, info, trace};
+use tracing::{debug, error, info, trace};
 
 use crate::chain::{entry_hash, Cell, GENESIS_HASH};
 use crate::event::{from_unix_nanos, unix_nanos};
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{IndexChange, IndexedSession, NewEntry, Store, StoredRow};
+use crate::store::{
+    IndexChange, IndexedSession, NewEntry, OpenStay, RecoveryClaim, StayChange, Store, StoredRow,
+};
 use crate::{Entry, Event, EventKind, LeaveReason, LedgerError, StaffId};
 
 /// Where a ledger lives.
@@ -50,6 +53,21 @@ impl Location {
         }
     }
 }
+
+/// How often a server writes its heartbeat ([`Ledger::heartbeat`]).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A node whose last heartbeat is at least this old is taken as gone: six heartbeats in a row
+/// missed, far more than a slow commit or a busy ledger thread delays one, and enough for
+/// clocks a few seconds apart. Its open stays are then closed at that last heartbeat by the
+/// next heartbeat of a node that is running (see [`Ledger::heartbeat_at`]). The threshold
+/// only decides *when* they are closed, never *at what time*.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
+
+/// The longest gap between two of this node's own heartbeats that still counts as one
+/// unbroken run. Other nodes are judged only on this node's unbroken run: after an outage of
+/// the database every node's heartbeat is old, and none of them is gone.
+const HEARTBEAT_RUN_GAP: Duration = Duration::from_secs(15);
 
 /// A node's name in heartbeats and recovery: same alphabet as other ids.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -85,6 +103,9 @@ pub struct Ledger {
     /// Nodes recovered by this process: a heartbeat first recovers, so the previous run's
     /// last heartbeat is never overwritten before recovery read it.
     recovered: HashSet<NodeId>,
+    /// Per node heartbeating through this ledger: the first and the last heartbeat of its
+    /// current unbroken run (gaps of at most [`HEARTBEAT_RUN_GAP`], no failed write).
+    runs: HashMap<NodeId, (OffsetDateTime, OffsetDateTime)>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -129,12 +150,14 @@ pub struct BadEntry {
     pub problem: String,
 }
 
-/// What [`Ledger::recover`] did.
+/// What [`Ledger::recover`] did, or what a heartbeat did about a node that is gone.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct RecoveryReport {
-    /// The node's last heartbeat before this start, if it ever wrote one.
+    /// The node's last heartbeat before this start (or before it went silent), if it ever
+    /// wrote one.
     pub last_heartbeat: Option<OffsetDateTime>,
-    /// Sessions that were still open.
+    /// Sessions in which recovery closed stays (or, for stays recorded without their node,
+    /// that were still open).
     pub sessions: u64,
     /// Stays closed with [`LeaveReason::NodeRecovered`].
     pub stays_closed: u64,
@@ -171,6 +194,7 @@ impl Ledger {
             store,
             node: None,
             recovered: HashSet::new(),
+            runs: HashMap::new(),
         }
     }
 
@@ -312,53 +336,95 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Writes the node's heartbeat at the current time. The first heartbeat of a node in this
+    /// Writes the node's heartbeat at the current time, then closes the open stays of nodes
+    /// that are gone (see [`Ledger::heartbeat_at`]). The first heartbeat of a node in this
     /// process runs [`Ledger::recover`] first, so the last heartbeat of a crashed run is used
     /// before it is overwritten.
-    pub fn heartbeat(&mut self, node: &NodeId) -> Result<(), LedgerError> {
+    pub fn heartbeat(
+        &mut self,
+        node: &NodeId,
+    ) -> Result<Vec<(NodeId, RecoveryReport)>, LedgerError> {
         self.heartbeat_at(node, OffsetDateTime::now_utc())
     }
 
     /// [`Ledger::heartbeat`] with the time given, for tests and tools.
-    pub fn heartbeat_at(&mut self, node: &NodeId, at: OffsetDateTime) -> Result<(), LedgerError> {
+    ///
+    /// After writing, it recovers every *other* node that still holds open stays and is gone:
+    /// its last heartbeat is at least [`HEARTBEAT_STALE`] older than `at`, counted from no
+    /// earlier than the start of `node`'s own unbroken run of heartbeats (so `node` must
+    /// itself have been heartbeating for that long). Each such stay is closed with
+    /// [`LeaveReason::NodeRecovered`] at the gone node's last heartbeat (or at the stay's
+    /// admission, if that is later). A node that never wrote a heartbeat is never judged.
+    /// Returns the nodes recovered. An error means the heartbeat was not written; a failed
+    /// recovery of another node is logged (and tried again at the next heartbeat) instead.
+    pub fn heartbeat_at(
+        &mut self,
+        node: &NodeId,
+        at: OffsetDateTime,
+    ) -> Result<Vec<(NodeId, RecoveryReport)>, LedgerError> {
         if !self.recovered.contains(node) {
             self.recover(node)?;
         }
-        let at = unix_nanos(at).ok_or(LedgerError::InvalidEvent {
+        let nanos = unix_nanos(at).ok_or(LedgerError::InvalidEvent {
             reason: "a time is outside 1677 to 2262",
         })?;
-        self.store.put_heartbeat(node.as_str(), at)
+        if let Err(e) = self.store.put_heartbeat(node.as_str(), nanos) {
+            self.runs.remove(node);
+            return Err(e);
+        }
+        let since = match self.runs.get(node) {
+            Some(&(since, last)) if at >= last && at - last <= HEARTBEAT_RUN_GAP => since,
+            _ => at,
+        };
+        self.runs.insert(node.clone(), (since, at));
+        Ok(self.recover_gone_nodes(node, since, at))
     }
 
-    /// Closes the stays that a previous run of `node` left open, at its last heartbeat (or at
-    /// the session's last entry if that is later, or if the node never wrote a heartbeat),
-    /// with [`LeaveReason::NodeRecovered`]. Call it at start-up, before the node records
-    /// anything; from then on the ledger records `node` as the node of each session it opens.
+    /// Closes the stays that a previous run of `node` left open, with
+    /// [`LeaveReason::NodeRecovered`]. Call it at start-up, before the node records anything;
+    /// from then on the ledger records `node` as the node of each session it opens and of
+    /// each stay it admits.
     ///
-    /// Only sessions still marked open whose node is `node` (or unknown) are touched, so a
-    /// node sharing a PostgreSQL ledger never closes another node's live sessions.
+    /// Each stay `node` admitted and did not end is closed at its last heartbeat, or at the
+    /// stay's admission if that is later (nothing after the last proof of the node is
+    /// credited); if the node never wrote a heartbeat, at the session's last entry. A stay
+    /// another node admitted is never touched here, even in a session `node` opened.
+    ///
+    /// Stays recorded before the ledger knew which node admitted them (a ledger of schema
+    /// version 2 or older, or appends without a node) are closed by session, as before: in
+    /// sessions still marked open that `node` opened (or whose node is unknown), at the
+    /// heartbeat or at the session's last entry if that is later.
     pub fn recover(&mut self, node: &NodeId) -> Result<RecoveryReport, LedgerError> {
         self.node = Some(node.clone());
         self.recovered.insert(node.clone());
 
         let heartbeat = self.store.heartbeat(node.as_str())?;
+        let mut sessions = BTreeSet::new();
         let mut report = RecoveryReport {
             last_heartbeat: heartbeat.and_then(from_unix_nanos),
             ..RecoveryReport::default()
         };
+        report.stays_closed += self.recover_stays(node, heartbeat, &mut sessions)?;
+
         for session in self.store.open_sessions(node.as_str())? {
             let Ok(session_id) = SessionId::parse(&session) else {
                 continue;
             };
             let entries = self.session_events(&session_id)?;
-            let open = crate::counting::open_participants(&entries);
+            // Stays whose node is known are the business of that node's recovery.
+            let attributed: HashSet<(String, String)> =
+                self.store.attributed_stays(&session)?.into_iter().collect();
+            let open = crate::counting::open_participants(&entries)
+                .into_iter()
+                .filter(|(p, r)| {
+                    !attributed.contains(&(p.as_str().to_owned(), r.as_str().to_owned()))
+                });
             let last_entry = entries.iter().map(|e| e.event.at).max();
             let close_at = match (report.last_heartbeat, last_entry) {
                 (Some(h), Some(l)) => h.max(l),
                 (h, l) => h.or(l).unwrap_or_else(OffsetDateTime::now_utc),
             };
             let events = open
-                .into_iter()
                 .map(|(pid, role)| {
                     let left = EventKind::Left {
                         reason: LeaveReason::NodeRecovered,
@@ -371,8 +437,9 @@ impl Ledger {
                 result?;
             }
             self.store.mark_closed(&session)?;
-            report.sessions += 1;
+            sessions.insert(session);
         }
+        report.sessions = sessions.len() as u64;
         info!(
             node = %node,
             sessions = report.sessions,
@@ -380,6 +447,169 @@ impl Ledger {
             "attendance recovery done"
         );
         Ok(report)
+    }
+
+    /// Recovers every node other than `this` that holds open stays and has been silent for
+    /// [`HEARTBEAT_STALE`] while `this` was heartbeating (since `since`).
+    fn recover_gone_nodes(
+        &mut self,
+        this: &NodeId,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Vec<(NodeId, RecoveryReport)> {
+        let mut out = Vec::new();
+        let nodes = match self.store.nodes_with_open_stays() {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                error!(code = e.code(), error = %e, "attendance: cannot look for gone nodes");
+                return out;
+            }
+        };
+        for (node, heartbeat) in nodes {
+            // A node that never wrote a heartbeat gives no time to close at; one that just
+            // started has not written it yet.
+            let Some(last) = heartbeat.and_then(from_unix_nanos) else {
+                continue;
+            };
+            let Ok(node) = NodeId::parse(&node) else {
+                continue;
+            };
+            if &node == this || now - last.max(since) < HEARTBEAT_STALE {
+                continue;
+            }
+            let mut sessions = BTreeSet::new();
+            let stays_closed = match self.recover_stays(&node, heartbeat, &mut sessions) {
+                Ok(n) => n,
+                Err(e) => {
+                    error!(
+                        node = %node,
+                        code = e.code(),
+                        error = %e,
+                        "attendance: recovery of a gone node failed"
+                    );
+                    continue;
+                }
+            };
+            if sessions.is_empty() {
+                continue;
+            }
+            info!(
+                node = %node,
+                last_heartbeat = %last,
+                sessions = sessions.len(),
+                stays_closed,
+                "attendance: node silent too long, its open stays closed at its last heartbeat"
+            );
+            out.push((
+                node,
+                RecoveryReport {
+                    last_heartbeat: Some(last),
+                    sessions: sessions.len() as u64,
+                    stays_closed,
+                },
+            ));
+        }
+        out
+    }
+
+    /// Closes the stays `stay_nodes` shows open on `node`, each at `heartbeat` or at its
+    /// admission if that is later (at the session's last entry without a heartbeat), one
+    /// session per transaction. Skips a session whose stays or heartbeat changed since they
+    /// were read (the node came back, or another node recovered it first). Adds the sessions
+    /// written to `sessions`; returns the stays closed.
+    fn recover_stays(
+        &mut self,
+        node: &NodeId,
+        heartbeat: Option<i64>,
+        sessions: &mut BTreeSet<String>,
+    ) -> Result<u64, LedgerError> {
+        let mut by_session: BTreeMap<String, Vec<OpenStay>> = BTreeMap::new();
+        for stay in self.store.open_stays(node.as_str())? {
+            by_session
+                .entry(stay.session_id.clone())
+                .or_default()
+                .push(stay);
+        }
+        let mut closed = 0;
+        for (session, stays) in by_session {
+            // Ids were checked when the entries were appended.
+            let Ok(session_id) = SessionId::parse(&session) else {
+                continue;
+            };
+            let entries = self.session_events(&session_id)?;
+            let last_entry = entries.iter().map(|e| e.event.at).max();
+            let mut events = Vec::new();
+            for stay in &stays {
+                let (Ok(pid), Some(role)) = (
+                    ParticipantId::parse(&stay.participant_id),
+                    Role::parse(&stay.role),
+                ) else {
+                    continue;
+                };
+                let admitted = from_unix_nanos(stay.admitted_at);
+                let close_at = match (heartbeat.and_then(from_unix_nanos), admitted) {
+                    (Some(h), Some(a)) => h.max(a),
+                    (Some(h), None) => h,
+                    (None, a) => match last_entry.or(a) {
+                        Some(t) => t,
+                        None => continue,
+                    },
+                };
+                // The stay as the ledger shows it at that time: open, unless something
+                // already ended it (the session's end, say). Later entries, such as another
+                // node admitting the participant again, are after the close and untouched.
+                let until: Vec<Entry> = entries
+                    .iter()
+                    .filter(|e| e.event.at <= close_at)
+                    .cloned()
+                    .collect();
+                let open = crate::counting::open_participants(&until)
+                    .into_iter()
+                    .any(|(p, r)| p == pid && r == role);
+                if open {
+                    let left = EventKind::Left {
+                        reason: LeaveReason::NodeRecovered,
+                    };
+                    events.push(Event::participant(
+                        session_id.clone(),
+                        pid,
+                        role,
+                        left,
+                        close_at,
+                    ));
+                }
+            }
+            let recorded_at = OffsetDateTime::now_utc();
+            let rows = events
+                .into_iter()
+                .map(|e| prepare(e, recorded_at).map(|(_, row)| row))
+                .collect::<Result<Vec<_>, _>>()?;
+            let claim = RecoveryClaim {
+                node: node.as_str(),
+                heartbeat,
+                stays: &stays,
+            };
+            match self.store.append_recovery(&claim, &rows)? {
+                Some(linked) => {
+                    for (seq, _, _) in &linked {
+                        debug!(
+                            seq,
+                            session_id = %session_id,
+                            node = %node,
+                            "stay closed by recovery"
+                        );
+                    }
+                    closed += linked.len() as u64;
+                    sessions.insert(session);
+                }
+                None => debug!(
+                    session_id = %session_id,
+                    node = %node,
+                    "recovery skipped: the node came back or was recovered by another node"
+                ),
+            }
+        }
+        Ok(closed)
     }
 
     /// The node's last heartbeat.
@@ -492,11 +722,13 @@ fn prepare(event: Event, recorded_at: OffsetDateTime) -> Result<(Event, NewEntry
         reason: "event cannot be encoded",
     })?;
     let participant = event.participant_id.as_ref().map(|p| p.as_str().to_owned());
+    let role = event.role.map(|r| r.as_str().to_owned());
     let row = NewEntry {
         session_id: event.session_id.as_str().to_owned(),
         index: IndexChange::of(&event.kind, participant.as_deref()),
+        stay: StayChange::of(&event.kind, participant.as_deref(), role.as_deref()),
         participant_id: participant,
-        role: event.role.map(|r| r.as_str().to_owned()),
+        role,
         kind_json,
         // `checked` guarantees the event's time fits; `now` fits until 2262.
         at: unix_nanos(event.at).unwrap_or_default(),

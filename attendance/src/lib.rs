@@ -52,7 +52,10 @@ pub use event::{
     AgeGroup, Amendment, Correction, Entry, Event, EventKind, LeaveReason, Modality, StaffId,
 };
 pub use handle::LedgerHandle;
-pub use ledger::{BadEntry, Ledger, Location, NodeId, RecoveryReport, VerifyReport};
+pub use ledger::{
+    BadEntry, Ledger, Location, NodeId, RecoveryReport, VerifyReport, HEARTBEAT_INTERVAL,
+    HEARTBEAT_STALE,
+};
 pub use report::{entries_csv, entries_json, Format};
 pub use rules::{AttendanceRules, ProgramRules, Requirement, Rounding};
 pub use store::{IndexedSession, Store};

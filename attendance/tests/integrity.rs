@@ -8,7 +8,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use common::{locations, pid, sid, Script};
-use haven_attendance::{Event, EventKind, Ledger, LedgerHandle, Location, StaffId};
+use haven_attendance::{
+    Event, EventKind, LeaveReason, Ledger, LedgerHandle, Location, NodeId, StaffId,
+};
 use haven_ids::Role;
 use time::macros::datetime;
 
@@ -146,6 +148,66 @@ fn reads_are_logged_in_their_own_chain() {
         let report = ledger.verify().expect("verify");
         assert_eq!(report.reads, 2);
         assert!(report.is_intact(), "[{backend}] {report:?}");
+    }
+}
+
+/// Runs schema SQL on the ledger's database directly (triggers left in place).
+fn run_sql(location: &Location, sql: &str) {
+    match location {
+        Location::SqliteFile(path) => {
+            let conn = rusqlite::Connection::open(path).expect("second connection");
+            conn.execute_batch(sql).expect("sql");
+        }
+        Location::Postgres { url, schema } => {
+            let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+            let schema = schema.as_deref().expect("tests use a schema");
+            client
+                .batch_execute(&format!("SET search_path TO {schema}; {sql}"))
+                .expect("sql");
+        }
+        Location::InMemory => unreachable!("tests use files or databases"),
+    }
+}
+
+/// A ledger of schema version 2 (no `stay_nodes`) opens as version 3, and a stay left open
+/// under version 2 is still closed by its node's start-up recovery.
+#[test]
+fn schema_version_2_is_upgraded_and_its_open_stays_recovered() {
+    for (backend, location, _dir) in locations() {
+        let node = NodeId::parse("node-a").expect("id");
+        let start = datetime!(2026-03-02 09:00 UTC);
+        {
+            let mut ledger = Ledger::open_at(&location).expect("open");
+            ledger.recover(&node).expect("recover");
+            let mut s = Script::new("sess-v2", "iop-adult", start, 60);
+            s.p("p-01", Role::Client, 0.0, EventKind::Admitted);
+            s.write(&mut ledger);
+            ledger.heartbeat_at(&node, s.at(10.0)).expect("heartbeat");
+        }
+        let downgrade = match &location {
+            Location::SqliteFile(_) => "DROP TABLE stay_nodes; PRAGMA user_version = 2;",
+            _ => "DROP TABLE stay_nodes; UPDATE haven_schema SET version = 2;",
+        };
+        run_sql(&location, downgrade);
+
+        let mut ledger = Ledger::open_at(&location).expect("open upgrades");
+        let report = ledger.recover(&node).expect("recover");
+        assert_eq!(report.stays_closed, 1, "[{backend}]");
+        let entries = ledger.session_events(&sid("sess-v2")).expect("read");
+        let last = entries.last().expect("entries");
+        assert_eq!(
+            last.event.kind,
+            EventKind::Left {
+                reason: LeaveReason::NodeRecovered
+            },
+            "[{backend}]"
+        );
+        assert_eq!(last.event.at, start + time::Duration::minutes(10));
+        assert!(ledger.verify().expect("verify").is_intact(), "[{backend}]");
+        // The upgraded ledger records stays by node again.
+        drop(ledger);
+        let mut again = Ledger::open_at(&location).expect("reopen");
+        assert_eq!(again.recover(&node).expect("recover").stays_closed, 0);
     }
 }
 

@@ -5,12 +5,12 @@ mod common;
 
 use common::{backends, locations, pid, Script};
 use haven_attendance::{
-    client_weeks, session_report, AttendanceRules, CountingRules, EventKind, IsoWeek, LeaveReason,
-    Ledger, Modality, NodeId, ProgramRules, Status,
+    client_weeks, session_report, AttendanceRules, CountingRules, Event, EventKind, IsoWeek,
+    LeaveReason, Ledger, Location, Modality, NodeId, ProgramRules, RecoveryReport, Status,
 };
 use haven_ids::Role;
 use time::macros::datetime;
-use time::OffsetDateTime;
+use time::{Duration, OffsetDateTime};
 
 const NINE: OffsetDateTime = datetime!(2026-03-02 09:00 UTC);
 const T: Role = Role::Therapist;
@@ -374,5 +374,266 @@ fn recovery_leaves_other_nodes_sessions_alone() {
         let mut on_a = Ledger::open_at(&location).expect("open");
         let report = on_a.recover(&a).expect("recover a");
         assert_eq!(report.stays_closed, 0, "[{backend}]");
+    }
+}
+
+/// `x` whole seconds after the script's start.
+fn sec(s: &Script, x: i64) -> OffsetDateTime {
+    s.start + Duration::seconds(x)
+}
+
+/// Appends one participant event `x` seconds after the script's start.
+fn record(ledger: &mut Ledger, s: &Script, who: &str, role: Role, x: i64, kind: EventKind) {
+    let e = Event::participant(s.session.clone(), pid(who), role, kind, sec(s, x));
+    ledger.append(e).expect("append");
+}
+
+fn left() -> EventKind {
+    EventKind::Left { reason: LEFT }
+}
+
+/// Heartbeats of `node` at each of `times` (seconds), each of which must recover nobody.
+fn quiet_heartbeats(ledger: &mut Ledger, node: &NodeId, s: &Script, times: &[i64], tag: &str) {
+    for &x in times {
+        let recovered = ledger.heartbeat_at(node, sec(s, x)).expect("heartbeat");
+        assert!(recovered.is_empty(), "[{tag}] at {x} s: {recovered:?}");
+    }
+}
+
+/// `node` runs a session with therapist `t-01` and client `p-01`, media from 0 s, heartbeats
+/// every 5 s up to `last_heartbeat`, and is killed: nothing else is written.
+fn node_killed(location: &Location, node: &NodeId, s: &mut Script, last_heartbeat: i64) {
+    s.p("t-01", T, 0.0, EventKind::Admitted)
+        .p("t-01", T, 0.0, EventKind::MediaConnected)
+        .p("p-01", C, 0.0, EventKind::Admitted)
+        .p("p-01", C, 0.0, EventKind::MediaConnected);
+    let mut ledger = Ledger::open_at(location).expect("open");
+    ledger.recover(node).expect("start-up recovery");
+    s.write(&mut ledger);
+    let times: Vec<i64> = (0..=last_heartbeat).step_by(5).collect();
+    quiet_heartbeats(&mut ledger, node, s, &times, node.as_str());
+}
+
+/// Whether the participant is in the room at the end of the ledger (admitted, no stay ended
+/// since).
+fn in_room(ledger: &mut Ledger, s: &Script, who: &str) -> bool {
+    let entries = ledger.session_events(&s.session).expect("read");
+    let r = session_report(&entries, &CountingRules::default());
+    r.participants
+        .iter()
+        .any(|p| p.participant_id.as_str() == who && p.left_at.is_none())
+}
+
+/// The `at` of every `node_recovered` entry of the session.
+fn recovered_at(ledger: &mut Ledger, s: &Script) -> Vec<OffsetDateTime> {
+    ledger
+        .session_events(&s.session)
+        .expect("read")
+        .iter()
+        .filter(|e| {
+            e.event.kind
+                == EventKind::Left {
+                    reason: LeaveReason::NodeRecovered,
+                }
+        })
+        .map(|e| e.event.at)
+        .collect()
+}
+
+/// The reported case: 15 s of media, the node killed, the server restarted under another
+/// node id, a therapist back 45 s later. The old node's stays end at its last heartbeat.
+#[test]
+fn node_gone_under_another_id_is_closed_at_its_last_heartbeat() {
+    for (backend, location, _dir) in locations() {
+        let (one, two) = (
+            NodeId::parse("haven-1").expect("id"),
+            NodeId::parse("haven-2").expect("id"),
+        );
+        let mut s = Script::new("sess-renamed", "iop-adult", NINE, 60);
+        node_killed(&location, &one, &mut s, 15);
+
+        let mut ledger = Ledger::open_at(&location).expect("reopen");
+        let report = ledger.recover(&two).expect("start-up recovery");
+        assert_eq!(report.stays_closed, 0, "[{backend}] haven-1 may be running");
+        // haven-2's heartbeats from 17 s: haven-1 is judged once silent for 30 s of them.
+        quiet_heartbeats(
+            &mut ledger,
+            &two,
+            &s,
+            &[17, 22, 27, 32, 37, 42, 46],
+            backend,
+        );
+        assert!(recovered_at(&mut ledger, &s).is_empty(), "[{backend}]");
+        assert!(in_room(&mut ledger, &s, "p-01"), "[{backend}]");
+
+        let recovered = ledger.heartbeat_at(&two, sec(&s, 47)).expect("heartbeat");
+        let expected = RecoveryReport {
+            last_heartbeat: Some(sec(&s, 15)),
+            sessions: 1,
+            stays_closed: 2,
+        };
+        assert_eq!(recovered, [(one.clone(), expected)], "[{backend}]");
+        assert_eq!(
+            recovered_at(&mut ledger, &s),
+            [sec(&s, 15), sec(&s, 15)],
+            "[{backend}]"
+        );
+
+        // The therapist comes back on haven-2 at 60 s; the client does not.
+        record(&mut ledger, &s, "t-01", T, 60, EventKind::Admitted);
+        record(&mut ledger, &s, "t-01", T, 60, EventKind::MediaConnected);
+        record(&mut ledger, &s, "t-01", T, 120, left());
+        let (credited, _, stays) = outcome(&mut ledger, &s, "p-01");
+        println!(
+            "scenario [{backend}] node gone, restarted as another  credited {credited:>7.1} s"
+        );
+        assert_eq!(credited, 15.0, "[{backend}]");
+        assert_eq!(stays, [Some(LeaveReason::NodeRecovered)], "[{backend}]");
+
+        // Nothing is closed twice, and haven-1's old id at start-up finds nothing left.
+        quiet_heartbeats(&mut ledger, &two, &s, &[52, 57], backend);
+        let mut again = Ledger::open_at(&location).expect("reopen");
+        assert_eq!(again.recover(&one).expect("recover").stays_closed, 0);
+        assert!(ledger.verify().expect("verify").is_intact(), "[{backend}]");
+    }
+}
+
+/// The client and therapist rejoin on the new node before the old one is judged: the old
+/// stays still end at the old node's last heartbeat, and the new stays are left running.
+#[test]
+fn stays_of_a_gone_node_end_at_its_heartbeat_even_after_a_rejoin_elsewhere() {
+    for (backend, location, _dir) in locations() {
+        let (one, two) = (
+            NodeId::parse("node-a").expect("id"),
+            NodeId::parse("node-b").expect("id"),
+        );
+        let mut s = Script::new("sess-rejoin", "iop-adult", NINE, 60);
+        node_killed(&location, &one, &mut s, 15);
+
+        let mut ledger = Ledger::open_at(&location).expect("reopen");
+        ledger.recover(&two).expect("start-up recovery");
+        quiet_heartbeats(&mut ledger, &two, &s, &[17], backend);
+        for who in [("t-01", T), ("p-01", C)] {
+            record(&mut ledger, &s, who.0, who.1, 20, EventKind::Admitted);
+            record(&mut ledger, &s, who.0, who.1, 20, EventKind::MediaConnected);
+        }
+        quiet_heartbeats(&mut ledger, &two, &s, &[22, 27, 32, 37, 42], backend);
+        let recovered = ledger.heartbeat_at(&two, sec(&s, 47)).expect("heartbeat");
+        assert_eq!(recovered.len(), 1, "[{backend}] {recovered:?}");
+        assert_eq!(recovered[0].1.stays_closed, 2, "[{backend}]");
+
+        // The stays on node-b are still open: nothing closed them.
+        assert_eq!(
+            recovered_at(&mut ledger, &s),
+            [sec(&s, 15), sec(&s, 15)],
+            "[{backend}]"
+        );
+        assert!(in_room(&mut ledger, &s, "p-01"), "[{backend}]");
+        assert!(in_room(&mut ledger, &s, "t-01"), "[{backend}]");
+
+        record(&mut ledger, &s, "p-01", C, 90, left());
+        record(&mut ledger, &s, "t-01", T, 100, left());
+        let (credited, _, stays) = outcome(&mut ledger, &s, "p-01");
+        // 0 to 15 s on node-a, 20 to 90 s on node-b; not the 5 s between.
+        assert_eq!(credited, 85.0, "[{backend}]");
+        assert_eq!(
+            stays,
+            [Some(LeaveReason::NodeRecovered), Some(LEFT)],
+            "[{backend}]"
+        );
+        assert!(ledger.verify().expect("verify").is_intact(), "[{backend}]");
+    }
+}
+
+/// A node sharing the ledger that keeps its heartbeat fresh keeps its stays, however long
+/// another node watches.
+#[test]
+fn stays_of_a_node_with_a_fresh_heartbeat_are_left_alone() {
+    for (backend, location, _dir) in locations() {
+        let (a, b) = (
+            NodeId::parse("node-a").expect("id"),
+            NodeId::parse("node-b").expect("id"),
+        );
+        let mut s = Script::new("sess-live", "iop-adult", NINE, 60);
+        s.stay("t-01", T, 0.0, 60.0)
+            .p("p-01", C, 0.0, EventKind::Admitted)
+            .p("p-01", C, 0.0, EventKind::MediaConnected);
+        let mut on_a = Ledger::open_at(&location).expect("open");
+        on_a.recover(&a).expect("recover a");
+        s.write(&mut on_a);
+        let mut on_b = Ledger::open_at(&location).expect("open");
+        on_b.recover(&b).expect("recover b");
+        for x in (0..=300).step_by(5) {
+            quiet_heartbeats(&mut on_a, &a, &s, &[x], backend);
+            quiet_heartbeats(&mut on_b, &b, &s, &[x + 2], backend);
+        }
+        // node-b restarting closes nothing of node-a's either.
+        let mut b_again = Ledger::open_at(&location).expect("open");
+        assert_eq!(b_again.recover(&b).expect("recover").stays_closed, 0);
+        assert!(in_room(&mut on_b, &s, "p-01"), "[{backend}]");
+        assert_eq!(outcome(&mut on_b, &s, "p-01").2, [None], "[{backend}]");
+        assert!(recovered_at(&mut on_b, &s).is_empty(), "[{backend}]");
+    }
+}
+
+/// After an outage of the ledger every node's heartbeat is old; a node judges others only
+/// once it has itself been heartbeating again for the stale threshold.
+#[test]
+fn after_an_outage_no_node_is_judged_until_the_threshold_passes_again() {
+    for (backend, location, _dir) in locations() {
+        let (a, b) = (
+            NodeId::parse("node-a").expect("id"),
+            NodeId::parse("node-b").expect("id"),
+        );
+        let mut s = Script::new("sess-outage", "iop-adult", NINE, 60);
+        s.p("t-01", T, 0.0, EventKind::Admitted)
+            .p("t-01", T, 0.0, EventKind::MediaConnected);
+        let mut on_a = Ledger::open_at(&location).expect("open");
+        on_a.recover(&a).expect("recover a");
+        s.write(&mut on_a);
+        let mut on_b = Ledger::open_at(&location).expect("open");
+        on_b.recover(&b).expect("recover b");
+        for x in (0..=20).step_by(5) {
+            quiet_heartbeats(&mut on_a, &a, &s, &[x], backend);
+            quiet_heartbeats(&mut on_b, &b, &s, &[x + 1], backend);
+        }
+        // No heartbeat from 21 s to 80 s. node-a's is 60 s old, but node-b was silent too.
+        quiet_heartbeats(&mut on_b, &b, &s, &[81], backend);
+        quiet_heartbeats(&mut on_a, &a, &s, &[83], backend);
+        // node-a is killed after 83 s; node-b judges it at 83 + 30 s.
+        quiet_heartbeats(&mut on_b, &b, &s, &[86, 91, 96, 101, 106, 111], backend);
+        let recovered = on_b.heartbeat_at(&b, sec(&s, 116)).expect("heartbeat");
+        assert_eq!(recovered.len(), 1, "[{backend}] {recovered:?}");
+        assert_eq!(recovered_at(&mut on_b, &s), [sec(&s, 83)], "[{backend}]");
+    }
+}
+
+/// A node restarted under its own id closes its own stays in a session that another node
+/// took over, and not the other node's.
+#[test]
+fn restart_under_the_same_id_closes_only_its_own_stays() {
+    for (backend, location, _dir) in locations() {
+        let (a, b) = (
+            NodeId::parse("node-a").expect("id"),
+            NodeId::parse("node-b").expect("id"),
+        );
+        let mut s = Script::new("sess-shared", "iop-adult", NINE, 60);
+        node_killed(&location, &a, &mut s, 15);
+
+        let mut on_b = Ledger::open_at(&location).expect("open");
+        on_b.recover(&b).expect("recover b");
+        quiet_heartbeats(&mut on_b, &b, &s, &[17], backend);
+        record(&mut on_b, &s, "p-01", C, 20, EventKind::Admitted);
+        record(&mut on_b, &s, "p-01", C, 20, EventKind::MediaConnected);
+
+        let mut on_a = Ledger::open_at(&location).expect("open");
+        let report = on_a.recover(&a).expect("recover a");
+        assert_eq!(report.stays_closed, 2, "[{backend}]");
+        assert_eq!(
+            recovered_at(&mut on_a, &s),
+            [sec(&s, 15), sec(&s, 15)],
+            "[{backend}]"
+        );
+        assert!(in_room(&mut on_a, &s, "p-01"), "[{backend}] node-b's stay");
     }
 }

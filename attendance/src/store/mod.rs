@@ -14,6 +14,7 @@
 //! | `session_index` | program and window of each session, whether it is open, which node opened it | no: a lookup, rebuilt and compared by `verify` |
 //! | `session_participants` | which participants appear in which session | no: as above |
 //! | `node_heartbeats` | each node's last heartbeat, one row per node, overwritten | no |
+//! | `stay_nodes` | which node admitted each stay, when, and whether it may still be open | no: the node is not in the entries |
 //!
 //! The hashes are computed by the caller-independent code in [`crate::chain`]; a backend only
 //! moves rows. An append takes the head under a lock (SQLite: an IMMEDIATE transaction;
@@ -51,6 +52,61 @@ pub struct NewEntry {
     pub at: i64,
     pub recorded_at: i64,
     pub index: IndexChange,
+    pub stay: StayChange,
+}
+
+/// What an entry changes in `stay_nodes`, the record of which node holds each stay. Applied
+/// only when the appending node is known.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StayChange {
+    None,
+    /// The appending node admitted the participant: a stay is open on that node.
+    Admitted {
+        participant: String,
+        role: String,
+    },
+    /// The participant's stay on the appending node ended.
+    Left {
+        participant: String,
+        role: String,
+    },
+    /// The session ended: every stay the appending node held in it ended.
+    SessionEnded,
+}
+
+impl StayChange {
+    pub(crate) fn of(kind: &EventKind, participant: Option<&str>, role: Option<&str>) -> Self {
+        let who = || Some((participant?.to_owned(), role?.to_owned()));
+        match kind {
+            EventKind::Admitted => who()
+                .map(|(participant, role)| StayChange::Admitted { participant, role })
+                .unwrap_or(StayChange::None),
+            EventKind::Left { .. } => who()
+                .map(|(participant, role)| StayChange::Left { participant, role })
+                .unwrap_or(StayChange::None),
+            EventKind::SessionEnded => StayChange::SessionEnded,
+            _ => StayChange::None,
+        }
+    }
+}
+
+/// A stay that `stay_nodes` shows open on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenStay {
+    pub session_id: String,
+    pub participant_id: String,
+    pub role: String,
+    /// The `at` of the node's last `admitted` of this participant in this session.
+    pub admitted_at: i64,
+}
+
+/// What recovery found before it wrote: the node, the heartbeat it read and the stays it is
+/// about to close. [`Store::append_recovery`] writes only if all of it still holds.
+#[derive(Clone, Debug)]
+pub struct RecoveryClaim<'a> {
+    pub node: &'a str,
+    pub heartbeat: Option<i64>,
+    pub stays: &'a [OpenStay],
 }
 
 /// What an entry changes in the lookup tables.
@@ -128,6 +184,9 @@ pub(crate) fn entry_cells(seq: i64, row: &NewEntry, prev_hash: &str) -> [Cell; 8
     ]
 }
 
+/// Where an appended entry went: `(seq, prev_hash, hash)`.
+pub type Linked = (i64, String, String);
+
 /// The lookup tables as stored: sessions, then `(session_id, participant_id)` pairs.
 pub type IndexDump = (Vec<IndexedSession>, Vec<(String, String)>);
 
@@ -192,6 +251,27 @@ pub trait Store: Send {
 
     /// Marks a session closed in the lookup table (after recovery closed its stays).
     fn mark_closed(&mut self, session_id: &str) -> Result<(), LedgerError>;
+
+    /// Stays `stay_nodes` shows open on `node`, ordered by session.
+    fn open_stays(&mut self, node: &str) -> Result<Vec<OpenStay>, LedgerError>;
+
+    /// Every node with a stay still open in `stay_nodes`, with its last heartbeat.
+    fn nodes_with_open_stays(&mut self) -> Result<Vec<(String, Option<i64>)>, LedgerError>;
+
+    /// `(participant_id, role)` of every stay `stay_nodes` knows in the session, open or not:
+    /// the stays start-up recovery leaves to [`Store::open_stays`].
+    fn attributed_stays(&mut self, session_id: &str) -> Result<Vec<(String, String)>, LedgerError>;
+
+    /// Recovery's write, in one transaction under the append lock: if the node's heartbeat is
+    /// still the one in `claim` and each claimed stay is still open with the same
+    /// `admitted_at`, appends `rows` (linked like [`Store::append`], but changing no stay
+    /// by themselves) and marks the claimed stays closed; otherwise writes nothing and
+    /// returns `None`, because the node came back or another node recovered it first.
+    fn append_recovery(
+        &mut self,
+        claim: &RecoveryClaim<'_>,
+        rows: &[NewEntry],
+    ) -> Result<Option<Vec<Linked>>, LedgerError>;
 
     /// Overwrites the node's heartbeat; durable when it returns.
     fn put_heartbeat(&mut self, node: &str, at: i64) -> Result<(), LedgerError>;

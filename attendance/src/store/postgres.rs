@@ -14,13 +14,16 @@ use postgres::{Client, NoTls, Row};
 use tracing::debug;
 
 use super::{
-    link, read_cells, IndexChange, IndexDump, IndexedSession, NewEntry, ReadsDump, Store,
-    StoredRead, StoredRow,
+    link, read_cells, IndexChange, IndexDump, IndexedSession, Linked, NewEntry, OpenStay,
+    ReadsDump, RecoveryClaim, StayChange, Store, StoredRead, StoredRow,
 };
 use crate::chain::{entry_hash, Cell, GENESIS_HASH};
 use crate::LedgerError;
 
-const SCHEMA_VERSION: i32 = 2;
+/// The schema this code writes, kept in `haven_schema`. Version 2 had no `stay_nodes`;
+/// connecting to one adds it (empty: stays opened before are recovered by session, as
+/// version 2 did).
+const SCHEMA_VERSION: i32 = 3;
 
 /// Serializes schema creation between nodes that start at the same time.
 const SCHEMA_LOCK: i64 = 0x6861_7665_6e00_0001;
@@ -88,6 +91,19 @@ CREATE TRIGGER audit_reads_no_truncate BEFORE TRUNCATE ON audit_reads
 CREATE TABLE haven_schema (version INTEGER NOT NULL);
 ";
 
+const SCHEMA_V3: &str = "
+CREATE TABLE stay_nodes (
+    session_id     TEXT NOT NULL,
+    participant_id TEXT NOT NULL,
+    role           TEXT NOT NULL,
+    node_id        TEXT NOT NULL,
+    admitted_at    BIGINT NOT NULL,
+    open           BOOLEAN NOT NULL,
+    PRIMARY KEY (session_id, participant_id, role, node_id)
+);
+CREATE INDEX stay_nodes_open ON stay_nodes (node_id, session_id) WHERE open;
+";
+
 const SELECT_ENTRY: &str = "SELECT seq, session_id, participant_id, role, kind_json, at, \
                             recorded_at, prev_hash, hash FROM ledger_entries";
 
@@ -141,7 +157,15 @@ impl PostgresStore {
             let found: i32 = tx
                 .query_one("SELECT version FROM haven_schema", &[])?
                 .get(0);
-            if found != SCHEMA_VERSION {
+            if found == 2 {
+                tx.batch_execute(SCHEMA_V3)?;
+                tx.execute("UPDATE haven_schema SET version = $1", &[&SCHEMA_VERSION])?;
+                debug!(
+                    from = found,
+                    version = SCHEMA_VERSION,
+                    "attendance ledger schema upgraded"
+                );
+            } else if found != SCHEMA_VERSION {
                 return Err(LedgerError::UnsupportedSchema {
                     found: found.into(),
                     expected: SCHEMA_VERSION.into(),
@@ -149,6 +173,7 @@ impl PostgresStore {
             }
         } else {
             tx.batch_execute(SCHEMA)?;
+            tx.batch_execute(SCHEMA_V3)?;
             tx.execute(
                 "INSERT INTO haven_schema (version) VALUES ($1)",
                 &[&SCHEMA_VERSION],
@@ -238,6 +263,97 @@ fn apply_index(
     Ok(())
 }
 
+/// Records in `stay_nodes` what an entry appended by `node` changes.
+fn apply_stay(
+    tx: &mut postgres::Transaction<'_>,
+    session: &str,
+    change: &StayChange,
+    node: &str,
+    at: i64,
+) -> Result<(), LedgerError> {
+    match change {
+        StayChange::None => {}
+        StayChange::Admitted { participant, role } => {
+            tx.execute(
+                "INSERT INTO stay_nodes (session_id, participant_id, role, node_id, \
+                 admitted_at, open) VALUES ($1, $2, $3, $4, $5, true) ON CONFLICT \
+                 (session_id, participant_id, role, node_id) DO UPDATE SET \
+                 admitted_at = excluded.admitted_at, open = true",
+                &[&session, participant, role, &node, &at],
+            )?;
+        }
+        StayChange::Left { participant, role } => {
+            tx.execute(
+                "UPDATE stay_nodes SET open = false WHERE session_id = $1 \
+                 AND participant_id = $2 AND role = $3 AND node_id = $4 AND open",
+                &[&session, participant, role, &node],
+            )?;
+        }
+        StayChange::SessionEnded => {
+            tx.execute(
+                "UPDATE stay_nodes SET open = false WHERE session_id = $1 AND node_id = $2 \
+                 AND open",
+                &[&session, &node],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Links and inserts the entries, applies their lookup changes (and, when the appending node
+/// is named, their `stay_nodes` changes) and moves the head record, inside `tx`, which
+/// holds the lock on `ledger_head`.
+fn write_entries(
+    tx: &mut postgres::Transaction<'_>,
+    rows: &[NewEntry],
+    node: Option<&str>,
+) -> Result<Vec<(i64, String, String)>, LedgerError> {
+    // As on SQLite: the head record first, the last row if the head was removed.
+    let head = match head_of(tx, "ledger_head")? {
+        Some(h) => Some(h),
+        None => tx
+            .query_opt(
+                "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1",
+                &[],
+            )?
+            .map(|r| (r.get(0), r.get(1))),
+    };
+    let linked = link(head.unwrap_or((0, GENESIS_HASH.to_owned())), rows);
+
+    let insert = tx.prepare(
+        "INSERT INTO ledger_entries (seq, session_id, participant_id, role, kind_json, at, \
+         recorded_at, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )?;
+    for (row, (seq, prev, hash)) in rows.iter().zip(&linked) {
+        tx.execute(
+            &insert,
+            &[
+                seq,
+                &row.session_id,
+                &row.participant_id,
+                &row.role,
+                &row.kind_json,
+                &row.at,
+                &row.recorded_at,
+                prev,
+                hash,
+            ],
+        )?;
+        apply_index(tx, &row.session_id, &row.index, node)?;
+        if let Some(node) = node {
+            apply_stay(tx, &row.session_id, &row.stay, node, row.at)?;
+        }
+    }
+    if let Some((seq, _, hash)) = linked.last() {
+        tx.execute(
+            "INSERT INTO ledger_head (id, seq, hash) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            &[seq, hash],
+        )?;
+    }
+    Ok(linked)
+}
+
 fn head_of(
     tx: &mut postgres::Transaction<'_>,
     table: &str,
@@ -259,46 +375,7 @@ impl Store for PostgresStore {
         let mut tx = self.client.transaction()?;
         // Every writer on every node queues here, so each links to the true last entry.
         tx.batch_execute("LOCK TABLE ledger_head IN EXCLUSIVE MODE")?;
-        // As on SQLite: the head record first, the last row if the head was removed.
-        let head = match head_of(&mut tx, "ledger_head")? {
-            Some(h) => Some(h),
-            None => tx
-                .query_opt(
-                    "SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1",
-                    &[],
-                )?
-                .map(|r| (r.get(0), r.get(1))),
-        };
-        let linked = link(head.unwrap_or((0, GENESIS_HASH.to_owned())), rows);
-
-        let insert = tx.prepare(
-            "INSERT INTO ledger_entries (seq, session_id, participant_id, role, kind_json, at, \
-             recorded_at, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )?;
-        for (row, (seq, prev, hash)) in rows.iter().zip(&linked) {
-            tx.execute(
-                &insert,
-                &[
-                    seq,
-                    &row.session_id,
-                    &row.participant_id,
-                    &row.role,
-                    &row.kind_json,
-                    &row.at,
-                    &row.recorded_at,
-                    prev,
-                    hash,
-                ],
-            )?;
-            apply_index(&mut tx, &row.session_id, &row.index, node)?;
-        }
-        if let Some((seq, _, hash)) = linked.last() {
-            tx.execute(
-                "INSERT INTO ledger_head (id, seq, hash) VALUES (1, $1, $2) \
-                 ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                &[seq, hash],
-            )?;
-        }
+        let linked = write_entries(&mut tx, rows, node)?;
         tx.commit()?;
         Ok(linked)
     }
@@ -424,6 +501,96 @@ impl Store for PostgresStore {
             &[&session_id],
         )?;
         Ok(())
+    }
+
+    fn open_stays(&mut self, node: &str) -> Result<Vec<OpenStay>, LedgerError> {
+        let rows = self.client.query(
+            "SELECT session_id, participant_id, role, admitted_at FROM stay_nodes \
+             WHERE node_id = $1 AND open ORDER BY session_id, participant_id, role",
+            &[&node],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| OpenStay {
+                session_id: r.get(0),
+                participant_id: r.get(1),
+                role: r.get(2),
+                admitted_at: r.get(3),
+            })
+            .collect())
+    }
+
+    fn nodes_with_open_stays(&mut self) -> Result<Vec<(String, Option<i64>)>, LedgerError> {
+        let rows = self.client.query(
+            "SELECT s.node_id, h.at FROM (SELECT DISTINCT node_id FROM stay_nodes \
+             WHERE open) s LEFT JOIN node_heartbeats h ON h.node_id = s.node_id \
+             ORDER BY s.node_id",
+            &[],
+        )?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn attributed_stays(&mut self, session_id: &str) -> Result<Vec<(String, String)>, LedgerError> {
+        let rows = self.client.query(
+            "SELECT DISTINCT participant_id, role FROM stay_nodes WHERE session_id = $1 \
+             ORDER BY 1, 2",
+            &[&session_id],
+        )?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn append_recovery(
+        &mut self,
+        claim: &RecoveryClaim<'_>,
+        rows: &[NewEntry],
+    ) -> Result<Option<Vec<Linked>>, LedgerError> {
+        // Dropping the transaction without commit rolls it back.
+        let mut tx = self.client.transaction()?;
+        // The append lock: no other append or recovery changes the stays meanwhile.
+        tx.batch_execute("LOCK TABLE ledger_head IN EXCLUSIVE MODE")?;
+        let heartbeat: Option<i64> = tx
+            .query_opt(
+                "SELECT at FROM node_heartbeats WHERE node_id = $1",
+                &[&claim.node],
+            )?
+            .map(|r| r.get(0));
+        if heartbeat != claim.heartbeat {
+            return Ok(None);
+        }
+        for stay in claim.stays {
+            let admitted: Option<i64> = tx
+                .query_opt(
+                    "SELECT admitted_at FROM stay_nodes WHERE session_id = $1 \
+                     AND participant_id = $2 AND role = $3 AND node_id = $4 AND open",
+                    &[
+                        &stay.session_id,
+                        &stay.participant_id,
+                        &stay.role,
+                        &claim.node,
+                    ],
+                )?
+                .map(|r| r.get(0));
+            if admitted != Some(stay.admitted_at) {
+                return Ok(None);
+            }
+        }
+        // The entries change nothing in `stay_nodes` by themselves (no node named); the
+        // claimed stays are closed below, and only those.
+        let linked = write_entries(&mut tx, rows, None)?;
+        for stay in claim.stays {
+            tx.execute(
+                "UPDATE stay_nodes SET open = false WHERE session_id = $1 \
+                 AND participant_id = $2 AND role = $3 AND node_id = $4",
+                &[
+                    &stay.session_id,
+                    &stay.participant_id,
+                    &stay.role,
+                    &claim.node,
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Some(linked))
     }
 
     fn put_heartbeat(&mut self, node: &str, at: i64) -> Result<(), LedgerError> {

@@ -14,15 +14,17 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use tracing::debug;
 
 use super::{
-    link, read_cells, IndexChange, IndexDump, IndexedSession, NewEntry, ReadsDump, Store,
-    StoredRead, StoredRow,
+    link, read_cells, IndexChange, IndexDump, IndexedSession, Linked, NewEntry, OpenStay,
+    ReadsDump, RecoveryClaim, StayChange, Store, StoredRead, StoredRow,
 };
 use crate::chain::{entry_hash, Cell, GENESIS_HASH};
 use crate::{EventKind, LedgerError};
 
 /// The schema this code writes, kept in SQLite's `user_version`. Version 1 had only the
-/// entries and the head; opening one adds the rest and fills the lookup tables.
-const SCHEMA_VERSION: i64 = 2;
+/// entries and the head; opening one adds the rest and fills the lookup tables. Version 2
+/// had no `stay_nodes`; opening one adds it (empty: stays opened before are recovered by
+/// session, as version 2 did).
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a call waits for another connection's write lock (a verify run from the command
 /// line, say) before it fails with [`LedgerError::Storage`].
@@ -91,6 +93,19 @@ CREATE TRIGGER audit_reads_no_delete BEFORE DELETE ON audit_reads
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 ";
 
+const SCHEMA_V3: &str = "
+CREATE TABLE stay_nodes (
+    session_id     TEXT NOT NULL,
+    participant_id TEXT NOT NULL,
+    role           TEXT NOT NULL,
+    node_id        TEXT NOT NULL,
+    admitted_at    INTEGER NOT NULL,
+    open           INTEGER NOT NULL,
+    PRIMARY KEY (session_id, participant_id, role, node_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX stay_nodes_open ON stay_nodes (node_id, session_id) WHERE open = 1;
+";
+
 const SELECT_ENTRY: &str = "SELECT seq, session_id, participant_id, role, kind_json, at, \
                             recorded_at, prev_hash, hash FROM ledger_entries";
 
@@ -133,9 +148,10 @@ impl SqliteStore {
         match found {
             // Schema and version in one transaction, so a crash cannot leave a half schema.
             0 => store.conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA_V1} {SCHEMA_V2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA_V1} {SCHEMA_V2} {SCHEMA_V3} \
+                 PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))?,
-            1 => store.upgrade_from_v1()?,
+            1 | 2 => store.upgrade_from(found)?,
             SCHEMA_VERSION => {}
             found => {
                 return Err(LedgerError::UnsupportedSchema {
@@ -147,11 +163,28 @@ impl SqliteStore {
         Ok(store)
     }
 
-    /// Adds the version 2 tables and fills the lookup tables from the entries.
-    fn upgrade_from_v1(&mut self) -> Result<(), LedgerError> {
+    /// From version 1: adds the version 2 tables and fills the lookup tables from the
+    /// entries. From version 1 or 2: adds `stay_nodes`. One transaction.
+    fn upgrade_from(&mut self, found: i64) -> Result<(), LedgerError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if found < 2 {
+            Self::fill_v2(&tx)?;
+        }
+        tx.execute_batch(SCHEMA_V3)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        debug!(
+            from = found,
+            version = SCHEMA_VERSION,
+            "attendance ledger schema upgraded"
+        );
+        Ok(())
+    }
+
+    /// Adds the version 2 tables and fills the lookup tables from the entries.
+    fn fill_v2(tx: &Transaction<'_>) -> Result<(), LedgerError> {
         tx.execute_batch(SCHEMA_V2)?;
         let rows: Vec<(String, Option<String>, String)> = {
             let mut stmt = tx.prepare(
@@ -164,15 +197,9 @@ impl SqliteStore {
             // A row that does not parse is left to `verify` to report.
             if let Ok(kind) = serde_json::from_str::<EventKind>(&kind_json) {
                 let change = IndexChange::of(&kind, participant.as_deref());
-                apply_index(&tx, &session, &change, None)?;
+                apply_index(tx, &session, &change, None)?;
             }
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        debug!(
-            version = SCHEMA_VERSION,
-            "attendance ledger schema upgraded"
-        );
         Ok(())
     }
 
@@ -233,6 +260,95 @@ fn apply_index(
     Ok(())
 }
 
+/// Records in `stay_nodes` what an entry appended by `node` changes.
+fn apply_stay(
+    tx: &Transaction<'_>,
+    session: &str,
+    change: &StayChange,
+    node: &str,
+    at: i64,
+) -> Result<(), LedgerError> {
+    match change {
+        StayChange::None => {}
+        StayChange::Admitted { participant, role } => {
+            tx.prepare_cached(
+                "INSERT INTO stay_nodes (session_id, participant_id, role, node_id, \
+                 admitted_at, open) VALUES (?1, ?2, ?3, ?4, ?5, 1) ON CONFLICT \
+                 (session_id, participant_id, role, node_id) DO UPDATE SET \
+                 admitted_at = excluded.admitted_at, open = 1",
+            )?
+            .execute(params![session, participant, role, node, at])?;
+        }
+        StayChange::Left { participant, role } => {
+            tx.prepare_cached(
+                "UPDATE stay_nodes SET open = 0 WHERE session_id = ?1 AND participant_id = ?2 \
+                 AND role = ?3 AND node_id = ?4 AND open = 1",
+            )?
+            .execute(params![session, participant, role, node])?;
+        }
+        StayChange::SessionEnded => {
+            tx.prepare_cached(
+                "UPDATE stay_nodes SET open = 0 WHERE session_id = ?1 AND node_id = ?2 \
+                 AND open = 1",
+            )?
+            .execute(params![session, node])?;
+        }
+    }
+    Ok(())
+}
+
+/// Links and inserts the entries, applies their lookup changes (and, when the appending node
+/// is named, their `stay_nodes` changes) and moves the head record, inside `tx`.
+fn write_entries(
+    tx: &Transaction<'_>,
+    rows: &[NewEntry],
+    node: Option<&str>,
+) -> Result<Vec<(i64, String, String)>, LedgerError> {
+    // The head record is the authority, so that appending after deleted newest entries
+    // leaves a visible gap; the last row is the fallback if the head itself was removed.
+    let head = |sql: &str| {
+        tx.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    };
+    let head = match head("SELECT seq, hash FROM ledger_head WHERE id = 1")? {
+        Some(h) => Some(h),
+        None => head("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")?,
+    };
+    let linked = link(head.unwrap_or((0, GENESIS_HASH.to_owned())), rows);
+
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO ledger_entries (seq, session_id, participant_id, role, kind_json, \
+             at, recorded_at, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for (row, (seq, prev, hash)) in rows.iter().zip(&linked) {
+            insert.execute(params![
+                seq,
+                row.session_id,
+                row.participant_id,
+                row.role,
+                row.kind_json,
+                row.at,
+                row.recorded_at,
+                prev,
+                hash
+            ])?;
+            apply_index(tx, &row.session_id, &row.index, node)?;
+            if let Some(node) = node {
+                apply_stay(tx, &row.session_id, &row.stay, node, row.at)?;
+            }
+        }
+    }
+    if let Some((seq, _, hash)) = linked.last() {
+        tx.execute(
+            "INSERT INTO ledger_head (id, seq, hash) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            params![seq, hash],
+        )?;
+    }
+    Ok(linked)
+}
+
 fn cell(v: ValueRef<'_>) -> Cell {
     match v {
         ValueRef::Null => Cell::Null,
@@ -267,45 +383,7 @@ impl Store for SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The head record is the authority, so that appending after deleted newest entries
-        // leaves a visible gap; the last row is the fallback if the head itself was removed.
-        let head = |sql: &str| {
-            tx.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        };
-        let head = match head("SELECT seq, hash FROM ledger_head WHERE id = 1")? {
-            Some(h) => Some(h),
-            None => head("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")?,
-        };
-        let linked = link(head.unwrap_or((0, GENESIS_HASH.to_owned())), rows);
-
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO ledger_entries (seq, session_id, participant_id, role, kind_json, \
-                 at, recorded_at, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?;
-            for (row, (seq, prev, hash)) in rows.iter().zip(&linked) {
-                insert.execute(params![
-                    seq,
-                    row.session_id,
-                    row.participant_id,
-                    row.role,
-                    row.kind_json,
-                    row.at,
-                    row.recorded_at,
-                    prev,
-                    hash
-                ])?;
-                apply_index(&tx, &row.session_id, &row.index, node)?;
-            }
-        }
-        if let Some((seq, _, hash)) = linked.last() {
-            tx.execute(
-                "INSERT INTO ledger_head (id, seq, hash) VALUES (1, ?1, ?2) \
-                 ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                params![seq, hash],
-            )?;
-        }
+        let linked = write_entries(&tx, rows, node)?;
         tx.commit()?;
         Ok(linked)
     }
@@ -419,6 +497,94 @@ impl Store for SqliteStore {
             [session_id],
         )?;
         Ok(())
+    }
+
+    fn open_stays(&mut self, node: &str) -> Result<Vec<OpenStay>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT session_id, participant_id, role, admitted_at FROM stay_nodes \
+             WHERE node_id = ?1 AND open = 1 ORDER BY session_id, participant_id, role",
+        )?;
+        let rows = stmt.query_map([node], |r| {
+            Ok(OpenStay {
+                session_id: r.get(0)?,
+                participant_id: r.get(1)?,
+                role: r.get(2)?,
+                admitted_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn nodes_with_open_stays(&mut self) -> Result<Vec<(String, Option<i64>)>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.node_id, h.at FROM (SELECT DISTINCT node_id FROM stay_nodes \
+             WHERE open = 1) s LEFT JOIN node_heartbeats h ON h.node_id = s.node_id \
+             ORDER BY s.node_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn attributed_stays(&mut self, session_id: &str) -> Result<Vec<(String, String)>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT participant_id, role FROM stay_nodes WHERE session_id = ?1 \
+             ORDER BY 1, 2",
+        )?;
+        let rows = stmt.query_map([session_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn append_recovery(
+        &mut self,
+        claim: &RecoveryClaim<'_>,
+        rows: &[NewEntry],
+    ) -> Result<Option<Vec<Linked>>, LedgerError> {
+        // Dropping the transaction without commit rolls it back.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let heartbeat: Option<i64> = tx
+            .query_row(
+                "SELECT at FROM node_heartbeats WHERE node_id = ?1",
+                [claim.node],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if heartbeat != claim.heartbeat {
+            return Ok(None);
+        }
+        for stay in claim.stays {
+            let admitted: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT admitted_at FROM stay_nodes WHERE session_id = ?1 \
+                     AND participant_id = ?2 AND role = ?3 AND node_id = ?4 AND open = 1",
+                )?
+                .query_row(
+                    params![stay.session_id, stay.participant_id, stay.role, claim.node],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if admitted != Some(stay.admitted_at) {
+                return Ok(None);
+            }
+        }
+        // The entries change nothing in `stay_nodes` by themselves (no node named); the
+        // claimed stays are closed below, and only those.
+        let linked = write_entries(&tx, rows, None)?;
+        for stay in claim.stays {
+            tx.prepare_cached(
+                "UPDATE stay_nodes SET open = 0 WHERE session_id = ?1 AND participant_id = ?2 \
+                 AND role = ?3 AND node_id = ?4",
+            )?
+            .execute(params![
+                stay.session_id,
+                stay.participant_id,
+                stay.role,
+                claim.node
+            ])?;
+        }
+        tx.commit()?;
+        Ok(Some(linked))
     }
 
     fn put_heartbeat(&mut self, node: &str, at: i64) -> Result<(), LedgerError> {
