@@ -9,9 +9,7 @@
 //! WebSocket upgrades go through the same path; once upgraded, a connection is governed by the
 //! signaling limits (`docs/operations.md`).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -19,6 +17,7 @@ use axum::{Extension, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use sfu::per_address::PerAddress;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,7 +30,7 @@ pub const CONNECTIONS_PER_ADDRESS: usize = 256;
 
 /// Serves `app` on `listener` until `stop` turns true.
 pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
-    let counts = Arc::new(Mutex::new(HashMap::new()));
+    let per_address = PerAddress::new(CONNECTIONS_PER_ADDRESS);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -46,7 +45,7 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver
                 continue;
             }
         };
-        let Some(slot) = AddressSlot::take(&counts, remote.ip()) else {
+        let Some(slot) = per_address.take(remote.ip()) else {
             tracing::debug!("too many connections from one address, closed");
             continue;
         };
@@ -68,38 +67,5 @@ pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver
                 tracing::trace!(error = %e, "http connection ended with an error");
             }
         });
-    }
-}
-
-/// One connection's place in the per-address count; released when dropped.
-struct AddressSlot {
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl AddressSlot {
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<AddressSlot> {
-        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = c.entry(ip).or_insert(0);
-        if *n >= CONNECTIONS_PER_ADDRESS {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = c.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.remove(&self.ip);
-            }
-        }
     }
 }

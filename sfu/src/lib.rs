@@ -24,6 +24,7 @@ mod error;
 mod forward;
 mod keyframe;
 mod layer;
+pub mod per_address;
 mod room;
 #[doc(hidden)]
 pub mod sim;

@@ -14,14 +14,15 @@
 //! [`MAX_TCP_PER_ADDRESS`] connections, so a single host cannot take the whole port from
 //! everyone else's TCP-only participants.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
+
+use crate::per_address::PerAddress;
 
 /// Connections open at once on the node; further ones are refused until one closes. A room of
 /// 16 needs 32 (two per participant).
@@ -116,7 +117,7 @@ pub fn frame(packet: &[u8]) -> Vec<u8> {
 /// Accepts ICE-TCP connections until the event receiver (the socket task) is gone.
 pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    let per_address = Arc::new(Mutex::new(HashMap::new()));
+    let per_address = PerAddress::new(MAX_TCP_PER_ADDRESS);
     loop {
         let (stream, source) = match listener.accept().await {
             Ok(v) => v,
@@ -137,7 +138,7 @@ pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
             );
             continue;
         };
-        let Some(per_address) = AddressSlot::take(&per_address, source.ip()) else {
+        let Some(address_slot) = per_address.take(source.ip()) else {
             tracing::debug!(
                 limit = MAX_TCP_PER_ADDRESS,
                 "ice-tcp connection refused, at the limit for its address"
@@ -148,45 +149,9 @@ pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
         let events = events.clone();
         tokio::spawn(async move {
             serve(stream, source, events).await;
-            drop(per_address);
+            drop(address_slot);
             drop(slot);
         });
-    }
-}
-
-/// Open connections per address.
-type AddressCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-/// One connection's place in its address's count; leaving frees it.
-struct AddressSlot {
-    counts: AddressCounts,
-    ip: IpAddr,
-}
-
-impl AddressSlot {
-    fn take(counts: &AddressCounts, ip: IpAddr) -> Option<AddressSlot> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_TCP_PER_ADDRESS {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot {
-            counts: counts.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
     }
 }
 
