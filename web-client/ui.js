@@ -214,7 +214,7 @@ export class Tile {
 
     this.element = document.createElement('figure');
     this.element.className = options.self ? 'tile self' : 'tile';
-    this.element.setAttribute('role', 'listitem');
+    // A figure, named by its caption: ARIA allows no list role on it (axe: aria-allowed-role).
     this.element.dataset.participantId = person.participant_id;
 
     this.media = document.createElement('div');

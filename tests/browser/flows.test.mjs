@@ -1,8 +1,9 @@
 // Every flow of the web client in headless Chromium against one real Haven binary: the
 // pre-join check with access denied, waiting and admit, deny, one-on-one, mute by the
-// therapist, audio-only mode, reconnection after the WebSocket is cut, remove, a group of
-// five at phone width, and ending the session for everyone. Each flow keeps a screenshot;
-// axe-core checks the pre-join, waiting, in-session and ended screens.
+// therapist, audio-only mode, reconnection after the WebSocket is cut, remove, a family
+// session with a sponsor (and a sponsor link refused where sponsors are not allowed), a
+// group of five at phone width, and ending the session for everyone. Each flow keeps a
+// screenshot; axe-core checks the pre-join, waiting, in-session, ended and error screens.
 //
 // One server and one browser for the file; each person is a browser context with its own
 // fake camera and microphone. Sessions are separate per flow so that capacity and removal
@@ -42,10 +43,12 @@ let haven;
 let browser;
 let tokenHelp = '';
 
-async function link(session, role, subject, { kind = 'individual', name } = {}) {
+async function link(session, role, subject, { kind = 'individual', name, sponsorFor } = {}) {
   const extra = ['--kind', kind];
   // Display names appear in tokens once the binary supports them.
   if (name && tokenHelp.includes('--display-name')) extra.push('--display-name', name);
+  // A session that allows a sponsor, who accompanies this client.
+  if (sponsorFor) extra.push('--sponsor-for', sponsorFor);
   return mintLink(bin, { dataDir, session, role, subject, publicUrl: origin, extra });
 }
 
@@ -372,6 +375,78 @@ describe('web client flows', { timeout: 240_000 }, () => {
       await therapist.page.getByRole('button', { name: 'Leave', exact: true }).click();
       await waitForScreen(therapist.page, 'ended');
       for (const person of [therapist, client, other]) await person.context.close();
+    });
+  });
+
+  describe('family session with a sponsor', () => {
+    const SESSION = 'sess-family';
+    const FAMILY = { kind: 'family', sponsorFor: 'p-41' };
+
+    test('the therapist admits the client, then the client\'s sponsor, who is labelled and receives both',
+      async () => {
+        const therapist = await open('family-therapist', { viewport: DESKTOP });
+        const client = await open('family-client', { viewport: LAPTOP });
+        const sponsor = await open('family-sponsor', { viewport: LAPTOP });
+
+        await joinFrom(therapist, await link(SESSION, 'therapist', 't-41', FAMILY));
+        await waitForScreen(therapist.page, 'call');
+        await joinFrom(client, await link(SESSION, 'client', 'p-41', FAMILY));
+        await waitForScreen(client.page, 'waiting');
+        await therapist.page.getByRole('button', { name: /^Admit .*p-41/ }).click();
+        await waitForScreen(client.page, 'call');
+
+        // A sponsor waits to be admitted like a client, and is named as a sponsor in the panel.
+        await joinFrom(sponsor, await link(SESSION, 'sponsor', 's-41', FAMILY));
+        await waitForScreen(sponsor.page, 'waiting');
+        await therapist.page.getByRole('button', { name: 'Admit Sponsor s-41', exact: true }).click();
+        await waitForScreen(sponsor.page, 'call');
+
+        // The sponsor's top bar says whose session this is.
+        await sponsor.page.locator('#sponsor-badge', { hasText: 'Sponsor session' }).waitFor();
+        assert.equal(await sponsor.page.locator('#session-label').innerText(),
+          `Sponsor session: ${SESSION}`);
+        assert.equal((await state(sponsor)).role, 'sponsor');
+        // The others see no sponsor badge of their own.
+        assert.equal(await client.page.locator('#sponsor-badge').isVisible(), false);
+        assert.equal(await therapist.page.locator('#sponsor-badge').isVisible(), false);
+
+        // The sponsor receives the therapist and the client; they receive the sponsor.
+        await waitForState(sponsor.page, 'the sponsor to list t-41 and p-41', () => {
+          const ids = window.haven.state.participants.map((p) => p.participant_id);
+          return ids.includes('t-41') && ids.includes('p-41');
+        });
+        await Promise.all([videoFlowing(sponsor, 2), videoFlowing(therapist, 2), videoFlowing(client, 2)]);
+
+        await shot(sponsor, 'flows-sponsor.png');
+        await shot(therapist, 'flows-sponsor-therapist.png');
+        await accessible(sponsor, 'in-session-sponsor');
+
+        // When the client leaves, the sponsor leaves with them and is told why.
+        await client.page.getByRole('button', { name: 'Leave', exact: true }).click();
+        await waitForScreen(client.page, 'ended');
+        await waitForScreen(sponsor.page, 'ended');
+        assert.equal((await state(sponsor)).endedReason, 'sponsored_client_left');
+        await sponsor.page.getByRole('heading', { name: 'The session ended for you' }).waitFor();
+        await therapist.page.getByRole('button', { name: 'Leave', exact: true }).click();
+        await waitForScreen(therapist.page, 'ended');
+        for (const person of [therapist, client, sponsor]) await person.context.close();
+      });
+
+    test('a sponsor link for a session without sponsors is refused with a clear message', async () => {
+      const refused = await open('sponsor-refused', { viewport: LAPTOP });
+      // An individual session whose links name no client to accompany: sponsors are not allowed.
+      await joinFrom(refused, await link('sess-no-sponsor', 'sponsor', 's-42'));
+      await waitForScreen(refused.page, 'error');
+      assert.equal((await state(refused)).error?.code, 'sponsor_not_allowed');
+      await refused.page.getByRole('heading', { name: 'You could not join the session' }).waitFor();
+      assert.match(await refused.page.locator('#error-message').innerText(),
+        /This session does not allow sponsors/);
+      assert.equal(await refused.page.locator('#error-code').innerText(), 'sponsor_not_allowed');
+      // Trying the same link again cannot help, so it is not offered.
+      assert.equal(await refused.page.locator('#error-retry-button').isVisible(), false);
+      await shot(refused, 'flows-sponsor-refused.png');
+      await accessible(refused, 'error');
+      await refused.context.close();
     });
   });
 
