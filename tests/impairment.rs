@@ -923,6 +923,44 @@ async fn bandwidth_cap_below_the_top_layer_moves_only_that_subscriber_down() {
         quality_of(&t, capped.id, from)
     );
 
+    // The same figures on /metrics, for Prometheus: per participant, by pseudonymous id, with
+    // no address or name in any label.
+    let (status, ctype, metrics) = common::http(&server, "GET", "/metrics", None, "").await;
+    assert_eq!(status, 200, "{metrics}");
+    assert!(ctype.starts_with("text/plain"), "{ctype}");
+    let value = |name: &str, who: &str| -> Option<f64> {
+        let prefix = format!("{name}{{session_id=\"{session}\",participant_id=\"{who}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    assert!(metrics.contains("haven_participants 3\n"), "{metrics}");
+    let capped_out = value("haven_participant_bitrate_out_bps", "p-02");
+    let open_out = value("haven_participant_bitrate_out_bps", "p-01");
+    let capped_estimate = value("haven_participant_estimate_bps", "p-02");
+    let open_layer = value("haven_participant_layer", "p-01");
+    eprintln!(
+        "figure: cap /metrics p-02 out={capped_out:?} estimate={capped_estimate:?}, p-01 \
+         out={open_out:?} layer={open_layer:?}"
+    );
+    assert!(open_out.is_some_and(|b| b > 0.0), "{metrics}");
+    assert!(capped_out.is_some_and(|b| b > 0.0), "{metrics}");
+    assert!(
+        capped_estimate
+            .is_some_and(|e| e < f64::from(u32::try_from(CAP_KBPS).unwrap_or(0)) * 2000.0),
+        "the capped subscriber's estimate stays near its cap: {metrics}"
+    );
+    assert_eq!(
+        open_layer,
+        Some(3.0),
+        "the uncapped subscriber receives the top layer (3): {metrics}"
+    );
+    assert!(
+        !metrics.contains("127.0.0.1"),
+        "an address in /metrics: {metrics}"
+    );
+
     // Lift the cap: the top layer should come back.
     proxy.set(Dir::Down, Impairment::default());
     let lifted = Instant::now();
