@@ -177,6 +177,13 @@ async fn every_token_failure_has_its_code_and_writes_nothing() {
         "wrong_audience"
     );
 
+    let mut others = claims();
+    others["aud"] = json!(["another-service", "a-third"]);
+    assert_eq!(
+        refused(&server, &sign(&key, &others)).await["code"],
+        "wrong_audience"
+    );
+
     // role_not_allowed: auditors never join media, unknown roles are refused.
     let auditor = server.token("sess-tok", "auditor", "a-tok-01", &[]);
     assert_eq!(refused(&server, &auditor).await["code"], "role_not_allowed");
@@ -197,8 +204,14 @@ async fn every_token_failure_has_its_code_and_writes_nothing() {
     assert_eq!(server.ledger_entries(), 0);
 
     // The same server still admits a good token, which proves the refusals above were about
-    // the tokens, and that writes do reach the ledger.
-    let therapist = server.token("sess-tok", "therapist", "t-tok-01", &[]);
+    // the tokens, and that writes do reach the ledger. Its audience is a list naming Haven
+    // among others, as RFC 7519 allows.
+    let mut therapist = claims();
+    therapist["sub"] = json!("t-tok-01");
+    therapist["role"] = json!("therapist");
+    therapist["jti"] = json!("tok-test-aud-list");
+    therapist["aud"] = json!(["another-service", "haven"]);
+    let therapist = sign(&key, &therapist);
     let mut s = Signal::connect(&server).await;
     s.join(&therapist).await;
     let joined = s.expect("joined").await;

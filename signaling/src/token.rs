@@ -24,7 +24,7 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JoinClaims {
     pub iss: String,
-    pub aud: String,
+    pub aud: Audience,
     /// The pseudonymous participant id.
     pub sub: String,
     pub role: String,
@@ -41,6 +41,21 @@ pub struct JoinClaims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_group: Option<AgeGroup>,
     pub session: SessionClaim,
+}
+
+/// A token's audience: one name or a list of them (RFC 7519, 4.1.3). The signature check
+/// has already required Haven's audience among them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(aud: &str) -> Self {
+        Audience::One(aud.to_owned())
+    }
 }
 
 /// The claims of a bearer token for the HTTP API.
