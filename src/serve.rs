@@ -37,7 +37,9 @@ fn log_filter(rust_log: Option<&str>) -> String {
         }
         let (target, level) = d.split_once('=').unwrap_or((d, ""));
         let target = target.split(['[', '{']).next().unwrap_or(target).trim();
-        if let Some(lib) = WEBRTC_LIBRARIES.iter().find(|l| **l == target) {
+        // The crate itself or any of its modules (`is::agent`).
+        let crate_name = target.split("::").next().unwrap_or(target);
+        if let Some(lib) = WEBRTC_LIBRARIES.iter().find(|l| **l == crate_name) {
             if level.trim().eq_ignore_ascii_case("trace") {
                 traced.push(lib);
                 directives.push(d.to_owned());
@@ -142,8 +144,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // The ledger: SQLite in the data directory, or PostgreSQL with `database_url`.
     let location =
         attendance::Location::from_args(&config.data_dir, config.database_url.as_deref())?;
-    let ledger =
-        attendance::Ledger::open_at(&location).context("cannot open the attendance ledger")?;
+    // Opening may talk to PostgreSQL through its blocking client, which runs a runtime of its
+    // own: off this runtime's worker threads.
+    let ledger = tokio::task::spawn_blocking(move || attendance::Ledger::open_at(&location))
+        .await
+        .context("the ledger opening task failed")?
+        .context("cannot open the attendance ledger")?;
     let ledger = attendance::LedgerHandle::spawn(ledger);
 
     // Before anything is recorded: stays a crash of this node left open are closed at its
@@ -459,6 +465,16 @@ mod tests {
         assert!(
             named.contains("str0m=warn") && named.contains("is=warn"),
             "{named}"
+        );
+        // Nor does naming one of its modules.
+        let module = log_filter(Some("info,is::agent=debug,str0m::ice=info"));
+        assert!(
+            !module.contains("is::agent") && !module.contains("str0m::ice"),
+            "{module}"
+        );
+        assert!(
+            module.contains("is=warn") && module.contains("str0m=warn"),
+            "{module}"
         );
         // Only trace, asked for by name, opens one library.
         let traced = log_filter(Some("haven=debug,str0m=trace"));

@@ -537,3 +537,82 @@ async fn stays_left_by_a_node_restarted_under_another_id_end_at_its_last_heartbe
         second.log_text()
     );
 }
+
+/// Haven serves with its ledger in PostgreSQL (`HAVEN_DATABASE_URL`): it starts, a client is
+/// admitted and leaves, and the report read back from PostgreSQL has the stay. The blocking
+/// PostgreSQL client must be opened off the async runtime, or the server panics at start.
+#[tokio::test]
+async fn serves_with_the_ledger_in_postgresql() {
+    let url = match std::env::var("HAVEN_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            eprintln!(
+                "!!! SKIPPING serves_with_the_ledger_in_postgresql: HAVEN_TEST_DATABASE_URL is not set !!!"
+            );
+            return;
+        }
+    };
+    // Its own node id and session: the database may be shared with other runs.
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos() % 1_000_000_000
+    );
+    let node = format!("test-pg-{tag}");
+    let session = format!("sess-pg-{tag}");
+    let server = Server::start_with_env(&[
+        ("HAVEN_DATABASE_URL", url.as_str()),
+        ("HAVEN_NODE_ID", node.as_str()),
+    ]);
+    let mut t = Signal::connect(&server).await;
+    t.join(&server.token(&session, "therapist", "t-pg-01", &[]))
+        .await;
+    t.expect("joined").await;
+    let mut c = Signal::connect(&server).await;
+    c.join(&server.token(&session, "client", "p-pg-01", &[]))
+        .await;
+    c.expect("waiting").await;
+    t.send(json!({"type": "admit", "participant_id": "p-pg-01"}))
+        .await;
+    c.expect("joined").await;
+    c.send(json!({"type": "leave"})).await;
+    t.expect("participant_left").await;
+
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "attendance",
+            "report",
+            "--auditor",
+            "a-test-01",
+            "--format",
+            "json",
+            "--session",
+            &session,
+        ])
+        .env("HAVEN_DATABASE_URL", &url)
+        .output()
+        .expect("run haven attendance report");
+    assert!(
+        out.status.success(),
+        "report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("report is JSON");
+    let client = report["participants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["participant_id"] == "p-pg-01")
+        .cloned();
+    let left = client.as_ref().map(|p| p["left_reason"].clone());
+    assert_eq!(left, Some(json!("left")), "{report}");
+    assert!(
+        client.is_some_and(|p| p["role"] == "client" && p["joined_at"].is_string()),
+        "{report}"
+    );
+    assert!(
+        !server.log_text().contains("panicked"),
+        "{}",
+        server.log_text()
+    );
+}

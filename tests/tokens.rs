@@ -169,6 +169,15 @@ async fn every_token_failure_has_its_code_and_writes_nothing() {
         "a session before the calendar: {code}"
     );
 
+    // token_invalid: an expiry past the calendar (milliseconds given as seconds), which
+    // would otherwise be remembered as 1970 and make a removal of the token not last.
+    let mut millis = claims();
+    millis["exp"] = json!((now.unix_timestamp() + 3600) * 1000);
+    assert_eq!(
+        refused(&server, &sign(&key, &millis)).await["code"],
+        "token_invalid"
+    );
+
     // wrong_audience
     let mut aud = claims();
     aud["aud"] = json!("another-service");

@@ -622,7 +622,11 @@ impl Room {
         }
         match Candidate::from_sdp_string(line) {
             Ok(c) => self.participants[i].peer(side).rtc.add_remote_candidate(c),
-            Err(e) => tracing::debug!(participant_id = %id, error = %e, "remote candidate ignored"),
+            // The parse error quotes the candidate (addresses, ufrag): trace only.
+            Err(e) => {
+                tracing::debug!(participant_id = %id, "remote candidate ignored: not valid");
+                tracing::trace!(participant_id = %id, error = %e, "remote candidate ignored");
+            }
         }
     }
 

@@ -71,6 +71,7 @@ pub async fn run(
                         tracing::trace!(len = data.len(), "ice-tcp frame for no known connection");
                         continue;
                     };
+                    writer.mark_routed();
                     let dgram = Datagram {
                         pc: route.pc,
                         source,

@@ -7,14 +7,15 @@
 //! room sees a TCP frame as a datagram whose answers go back through the connection's
 //! [`TcpWriter`].
 //!
-//! A connection costs two small tasks. It is closed when no packet came on it for
-//! [`TCP_IDLE`] (a live peer sends a consent check every few seconds; empty frames do not
-//! count), when its peer closes it, or when its writer falls [`TCP_WRITE_QUEUE`] frames
+//! A connection costs two small tasks. It is closed when no packet on it reached a peer
+//! connection for [`TCP_IDLE`] (a live peer sends a consent check every few seconds; empty
+//! frames and packets for no known connection do not count), when its peer closes it, or when its writer falls [`TCP_WRITE_QUEUE`] frames
 //! behind for good (the peer stopped reading). One address holds at most
 //! [`MAX_TCP_PER_ADDRESS`] connections, so a single host cannot take the whole port from
 //! everyone else's TCP-only participants.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,9 +48,17 @@ const MAX_FRAME: usize = u16::MAX as usize;
 #[derive(Clone, Debug)]
 pub struct TcpWriter {
     tx: mpsc::Sender<Vec<u8>>,
+    /// Frames of this connection that reached a peer connection (counted by the socket task).
+    routed: Arc<AtomicU64>,
 }
 
 impl TcpWriter {
+    /// Notes that a frame from this connection reached a peer connection: what keeps the
+    /// connection open (see [`TCP_IDLE`]).
+    pub fn mark_routed(&self) {
+        self.routed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Queues one packet; returns false when the connection is gone (the caller forgets it).
     /// A full queue drops the packet and keeps the connection.
     pub fn send(&self, packet: &[u8]) -> bool {
@@ -159,7 +168,11 @@ pub async fn accept(listener: TcpListener, events: mpsc::Sender<TcpEvent>) {
 async fn serve(stream: TcpStream, source: SocketAddr, events: mpsc::Sender<TcpEvent>) {
     let (mut read, mut write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_WRITE_QUEUE);
-    let writer = TcpWriter { tx };
+    let routed = Arc::new(AtomicU64::new(0));
+    let writer = TcpWriter {
+        tx,
+        routed: routed.clone(),
+    };
 
     let write_task = tokio::spawn(async move {
         while let Some(packet) = rx.recv().await {
@@ -171,12 +184,23 @@ async fn serve(stream: TcpStream, source: SocketAddr, events: mpsc::Sender<TcpEv
 
     let mut decoder = FrameDecoder::default();
     let mut buf = vec![0u8; 8192];
-    // Only packets keep a connection open: bytes that never make a packet (empty frames, a
-    // frame that never completes) do not.
+    // Only packets that reach a peer connection keep a connection open: bytes that never
+    // make a packet, and packets for no known connection (junk, STUN with an unknown ufrag),
+    // do not. Every TCP_IDLE the count of routed frames must have grown.
     let mut idle_until = tokio::time::Instant::now() + TCP_IDLE;
+    let mut routed_before = 0;
     loop {
         let n = match tokio::time::timeout_at(idle_until, read.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Err(_) => {
+                let now_routed = routed.load(Ordering::Relaxed);
+                if now_routed == routed_before {
+                    break;
+                }
+                routed_before = now_routed;
+                idle_until = tokio::time::Instant::now() + TCP_IDLE;
+                continue;
+            }
             Ok(Ok(n)) => n,
         };
         decoder.extend(&buf[..n]);
@@ -184,7 +208,6 @@ async fn serve(stream: TcpStream, source: SocketAddr, events: mpsc::Sender<TcpEv
             if data.is_empty() {
                 continue;
             }
-            idle_until = tokio::time::Instant::now() + TCP_IDLE;
             let event = TcpEvent::Frame {
                 source,
                 writer: writer.clone(),
@@ -303,6 +326,40 @@ mod tests {
         assert!(
             closed,
             "the server closed a connection that only sent empty frames"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_frames_that_reach_a_peer_keep_a_connection_open() {
+        let (addr, mut events) = listening().await;
+        // The socket task's part: frames starting with 1 reach a peer, others do not.
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let TcpEvent::Frame { writer, data, .. } = event {
+                    if data.first() == Some(&1) {
+                        writer.mark_routed();
+                    }
+                }
+            }
+        });
+        let mut live = TcpStream::connect(addr).await.expect("connect");
+        let mut junk = TcpStream::connect(addr).await.expect("connect");
+        // A frame every 8 s on both, for three times the idle limit.
+        for _ in 0..(TCP_IDLE.as_secs() * 3 / 8) {
+            let _ = live.write_all(&frame(&[1, 0, 0, 0])).await;
+            let _ = junk.write_all(&frame(&[7, 0, 0, 0])).await;
+            tokio::time::sleep(Duration::from_secs(8)).await;
+        }
+        let mut byte = [0u8; 1];
+        let junk_read = tokio::time::timeout(Duration::from_secs(1), junk.read(&mut byte)).await;
+        assert!(
+            matches!(junk_read, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection whose frames reach no peer was closed"
+        );
+        let live_read = tokio::time::timeout(Duration::from_secs(1), live.read(&mut byte)).await;
+        assert!(
+            live_read.is_err(),
+            "a connection whose frames reach a peer stays open"
         );
     }
 

@@ -367,6 +367,10 @@ fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
             "The session in the join link is longer than a day; ask the program for a new link.",
         ));
     }
+    // An expiry past the calendar (milliseconds by mistake, say) would be remembered as
+    // 1970, and a removal of the token would not last.
+    let expires_at = OffsetDateTime::from_unix_timestamp(c.exp)
+        .map_err(|_| invalid("The join link's expiry is not a valid time."))?;
     if c.jti.is_empty() || c.jti.len() > 128 {
         return Err(invalid("The join link has no valid token id."));
     }
@@ -403,8 +407,7 @@ fn grant_from(c: JoinClaims) -> Result<JoinGrant, SignalError> {
         ends_at: c.session.ends_at,
         program: c.session.program,
         token_id: c.jti,
-        expires_at: OffsetDateTime::from_unix_timestamp(c.exp)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        expires_at,
         display_name,
         age_group: c.age_group,
         admission: c.session.admission,
