@@ -103,6 +103,11 @@ impl Forwarder {
         }
     }
 
+    /// What the subscriber should get, once decided.
+    pub fn wanted(&self) -> Option<Want> {
+        self.decided.then_some(self.want)
+    }
+
     /// Sets what the subscriber should get. A different layer is taken at its next keyframe;
     /// pausing takes effect at once; resuming waits for a keyframe.
     pub fn set_want(&mut self, want: Want) {

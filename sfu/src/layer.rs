@@ -96,6 +96,9 @@ pub const LOSS_DECREASE: f32 = 0.10;
 pub const LOSS_INCREASE: f32 = 0.02;
 /// How far above what was sent the estimate may grow.
 pub const GROWTH_CAP: f64 = 1.6;
+/// Sending at least this share of the estimate while losing more than [`LOSS_INCREASE`]
+/// counts as congestion.
+pub const FULL_USE: f64 = 0.85;
 
 impl LossEstimate {
     pub fn new(initial_bps: u64) -> Self {
@@ -126,9 +129,11 @@ impl LossEstimate {
         let queueing = rtt
             .zip(self.min_rtt)
             .is_some_and(|(rtt, min)| rtt > min + QUEUE_DELAY);
-        // Loss beyond the random kind while more was sent than the estimate: the last step
-        // up overfilled the link. The estimate holds, but what is sent must come down to it.
-        let overfull = loss >= LOSS_INCREASE && sent_bps > self.estimate;
+        // Loss beyond the random kind while the estimate was (nearly) all used: the link is
+        // full (a step up overfilled it, or the estimate sits just above what it carries, and
+        // a drop-tail queue loses a few percent while its delay builds). The estimate holds,
+        // but what is sent must come down below it.
+        let overfull = loss >= LOSS_INCREASE && sent_bps as f64 >= self.estimate as f64 * FULL_USE;
         self.falling = queueing || loss > LOSS_DECREASE || overfull;
         if queueing {
             let kept = (self.estimate.min(sent_bps) as f64 * 0.85) as u64;
@@ -929,7 +934,7 @@ mod tests {
     #[test]
     fn loss_while_sending_beyond_the_estimate_is_congestion() {
         let mut e = LossEstimate::new(500_000);
-        // 5 % lost while sending less than the estimate: random loss, the estimate holds.
+        // 5 % lost while sending well below the estimate: random loss, the estimate holds.
         e.on_report(400_000, 0.05, None);
         assert_eq!(e.bps(), 500_000);
         assert!(!e.falling());
@@ -937,6 +942,9 @@ mod tests {
         e.on_report(620_000, 0.05, None);
         assert_eq!(e.bps(), 500_000, "the estimate holds");
         assert!(e.falling(), "but the layers must come down to it");
+        // Or sending nearly all of it: the estimate sits just above what the link carries.
+        e.on_report(450_000, 0.04, None);
+        assert!(e.falling(), "a full link losing a few percent is congested");
         // Sending beyond the estimate with no loss is a probe that worked.
         e.on_report(620_000, 0.0, None);
         assert!(!e.falling());

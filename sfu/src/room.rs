@@ -1148,8 +1148,35 @@ impl Room {
         let allocation =
             p.allocator
                 .allocate(now, estimate, losing, audio_streams, requested, &needs);
+        let mut changed = false;
         for (k, want) in slots.iter().zip(&allocation.wants) {
-            p.subs[*k].forwarder.set_want(*want);
+            let forwarder = &mut p.subs[*k].forwarder;
+            changed |= forwarder.wanted() != Some(*want);
+            forwarder.set_want(*want);
+        }
+        if changed {
+            let layers: Vec<String> = allocation
+                .wants
+                .iter()
+                .zip(&needs)
+                .map(|(w, n)| {
+                    let rates: Vec<u64> = n.layers.iter().map(|l| l.bps / 1000).collect();
+                    match w {
+                        Want::Layer(l) => format!("{}{rates:?}", l.as_str()),
+                        Want::Paused => format!("paused{rates:?}"),
+                    }
+                })
+                .collect();
+            tracing::debug!(
+                session_id = %self.ctx.session,
+                participant_id = %p.id,
+                ?layers,
+                estimate_kbps = p.estimate.bps() / 1000,
+                sent_kbps = p.subscribe_stats.bps.unwrap_or(0) / 1000,
+                loss = p.subscribe_stats.loss.unwrap_or(0.0),
+                falling,
+                "layers chosen"
+            );
         }
         if requested {
             for sub in &mut p.subs {
