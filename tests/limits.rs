@@ -322,13 +322,13 @@ async fn logs_above_trace_hold_no_names_tokens_sdp_or_addresses() {
     // At debug, the most an operator turns on short of trace (the WebRTC libraries stay at
     // warn unless traced by name).
     let server = Server::start_with_env(&[("RUST_LOG", "debug")]);
-    let name = "Alice Recognisable";
+    let name = "Zqx-Canary Client";
     let session = "sess-priv";
     let therapist_token = server.token(
         session,
         "therapist",
         "t-pr-01",
-        &["--display-name", "Dr Bob Recognisable"],
+        &["--display-name", "Zqx-Canary Therapist"],
     );
     let client_token = server.token(session, "client", "p-pr-01", &["--display-name", name]);
 
@@ -376,7 +376,7 @@ async fn logs_above_trace_hold_no_names_tokens_sdp_or_addresses() {
     );
     let secrets = [
         name.to_owned(),
-        "Recognisable".to_owned(),
+        "Zqx-Canary".to_owned(),
         therapist_token.clone(),
         client_token.clone(),
         // Any part of a token, not just the whole of it.

@@ -189,10 +189,10 @@ describe('web client flows', { timeout: 240_000 }, () => {
       therapist = await open('one-therapist', { viewport: DESKTOP });
       client = await open('one-client', { viewport: LAPTOP });
 
-      await joinFrom(therapist, await link(SESSION, 'therapist', 't-01', { name: 'Dr Lee' }));
+      await joinFrom(therapist, await link(SESSION, 'therapist', 't-01', { name: 'Tester T01' }));
       await waitForScreen(therapist.page, 'call');
 
-      await joinFrom(client, await link(SESSION, 'client', 'p-01', { name: 'Sam Rivera' }));
+      await joinFrom(client, await link(SESSION, 'client', 'p-01', { name: 'Tester P01' }));
       await waitForScreen(client.page, 'waiting');
       await client.page.getByRole('heading', { name: 'Your therapist will let you in' }).waitFor();
       await client.page.locator('#waiting-status', { hasText: 'Your therapist is here' }).waitFor();
@@ -216,7 +216,7 @@ describe('web client flows', { timeout: 240_000 }, () => {
           .observe(region, { childList: true, characterData: true, subtree: true });
       });
 
-      await therapist.page.getByRole('button', { name: /^Admit .*(p-01|Sam Rivera)/ }).click();
+      await therapist.page.getByRole('button', { name: /^Admit .*(p-01|Tester P01)/ }).click();
       await waitForScreen(client.page, 'call');
       await Promise.all([videoFlowing(therapist, 1), videoFlowing(client, 1)]);
       assert.equal(await therapist.page.locator('#alone-note').isVisible(), false);
@@ -256,7 +256,7 @@ describe('web client flows', { timeout: 240_000 }, () => {
     });
 
     test('the therapist mutes and unmutes the client', async () => {
-      await therapist.page.getByRole('button', { name: /^Mute .*(p-01|Sam Rivera)/ }).click();
+      await therapist.page.getByRole('button', { name: /^Mute .*(p-01|Tester P01)/ }).click();
       await waitForState(client.page, 'the client to be muted by the therapist',
         () => window.haven.state.mutedByTherapist);
       await client.page.getByRole('button', { name: 'Muted by your therapist' }).waitFor();
@@ -266,7 +266,7 @@ describe('web client flows', { timeout: 240_000 }, () => {
       await shot(client, 'flows-muted-client.png');
       await shot(therapist, 'flows-muted-therapist.png');
 
-      await therapist.page.getByRole('button', { name: /^Unmute .*(p-01|Sam Rivera)/ }).click();
+      await therapist.page.getByRole('button', { name: /^Unmute .*(p-01|Tester P01)/ }).click();
       await waitForState(client.page, 'the client to be unmuted',
         () => !window.haven.state.mutedByTherapist);
     });
@@ -330,17 +330,20 @@ describe('web client flows', { timeout: 240_000 }, () => {
       assert.match(await client.page.locator('#reconnect-banner').innerText(), /could not reconnect/);
       await shot(client, 'flows-reconnect-failed.png');
 
-      // The place is gone (the grace period passed): Try again joins anew, so the client
-      // waits to be admitted again.
+      // Once the grace period has passed on the server (the therapist sees the client
+      // leave), the place is gone: Try again joins anew and the client waits to be admitted.
+      await therapist.page.waitForFunction(
+        () => !window.haven.state.participants.some((p) => p.participant_id === 'p-01'),
+        null, { timeout: (GRACE_SECONDS + 8) * 1000 });
       refuse = false;
       await retry.click();
       await waitForScreen(client.page, 'waiting');
-      await therapist.page.getByRole('button', { name: /^Admit .*(p-01|Sam Rivera)/ }).click();
+      await therapist.page.getByRole('button', { name: /^Admit .*(p-01|Tester P01)/ }).click();
       await waitForScreen(client.page, 'call');
     });
 
     test('the therapist removes the client, who sees why', async () => {
-      await therapist.page.getByRole('button', { name: /^Remove .*(p-01|Sam Rivera)/ }).click();
+      await therapist.page.getByRole('button', { name: /^Remove .*(p-01|Tester P01)/ }).click();
       const dialog = therapist.page.getByRole('dialog');
       await dialog.waitFor();
       await shot(therapist, 'flows-remove-confirm.png');
