@@ -578,26 +578,8 @@ async fn serves_with_the_ledger_in_postgresql() {
     c.send(json!({"type": "leave"})).await;
     t.expect("participant_left").await;
 
-    let out = std::process::Command::new(common::BIN)
-        .args([
-            "attendance",
-            "report",
-            "--auditor",
-            "a-test-01",
-            "--format",
-            "json",
-            "--session",
-            &session,
-        ])
-        .env("HAVEN_DATABASE_URL", &url)
-        .output()
-        .expect("run haven attendance report");
-    assert!(
-        out.status.success(),
-        "report failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("report is JSON");
+    // Read back from PostgreSQL (the data directory holds no ledger).
+    let report = server.report_with_env(&session, &[("HAVEN_DATABASE_URL", url.as_str())]);
     let client = report["participants"]
         .as_array()
         .into_iter()

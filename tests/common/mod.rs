@@ -204,6 +204,11 @@ impl Server {
 
     /// Runs `haven attendance report --format json` for a session.
     pub fn report(&self, session: &str) -> Value {
+        self.report_with_env(session, &[])
+    }
+
+    /// The session report with extra environment (for example `HAVEN_DATABASE_URL`).
+    pub fn report_with_env(&self, session: &str, env: &[(&str, &str)]) -> Value {
         let out = Command::new(BIN)
             .args([
                 "attendance",
@@ -217,6 +222,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(&self.data_dir)
+            .envs(env.iter().copied())
             .output()
             .expect("run haven attendance report");
         assert!(
