@@ -83,42 +83,6 @@ async fn publish_ice_restart_from_a_new_address_keeps_media_and_the_stay() {
     assert_eq!(t.state, RTCPeerConnectionState::Connected);
 
     // One stay in the ledger: admitted once, media connected once, never lost or left.
-    let kinds = ledger_kinds(&server, "p-restart-1");
+    let kinds = server.ledger_kinds("p-restart-1");
     assert_eq!(kinds, ["admitted", "media_connected"], "{kinds:?}");
-}
-
-/// The kinds of the ledger entries about one participant, in order.
-fn ledger_kinds(server: &Server, who: &str) -> Vec<String> {
-    let out = std::process::Command::new(common::BIN)
-        .args([
-            "attendance",
-            "export",
-            "--auditor",
-            "a-test-01",
-            "--format",
-            "json",
-        ])
-        .args([
-            "--from",
-            "2000-01-01T00:00:00Z",
-            "--to",
-            "2100-01-01T00:00:00Z",
-        ])
-        .arg("--data-dir")
-        .arg(&server.data_dir)
-        .output()
-        .expect("run haven attendance export");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("export is JSON");
-    entries
-        .as_array()
-        .expect("a list of entries")
-        .iter()
-        .filter(|e| e["event"]["participant_id"] == who)
-        .filter_map(|e| e["event"]["kind"]["type"].as_str().map(str::to_owned))
-        .collect()
 }

@@ -207,6 +207,42 @@ impl Server {
         self.report_with_env(session, &[])
     }
 
+    /// The kinds of the ledger entries about one participant, in order (from the export).
+    pub fn ledger_kinds(&self, who: &str) -> Vec<String> {
+        let out = Command::new(BIN)
+            .args([
+                "attendance",
+                "export",
+                "--auditor",
+                "a-test-01",
+                "--format",
+                "json",
+            ])
+            .args([
+                "--from",
+                "2000-01-01T00:00:00Z",
+                "--to",
+                "2100-01-01T00:00:00Z",
+            ])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .expect("run haven attendance export");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let entries: Value = serde_json::from_slice(&out.stdout).expect("export is JSON");
+        entries
+            .as_array()
+            .expect("a list of entries")
+            .iter()
+            .filter(|e| e["event"]["participant_id"] == who)
+            .filter_map(|e| e["event"]["kind"]["type"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// The session report with extra environment (for example `HAVEN_DATABASE_URL`).
     pub fn report_with_env(&self, session: &str, env: &[(&str, &str)]) -> Value {
         let out = Command::new(BIN)
