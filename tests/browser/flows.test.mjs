@@ -419,6 +419,10 @@ describe('web client flows', { timeout: 240_000 }, () => {
           return ids.includes('t-41') && ids.includes('p-41');
         });
         await Promise.all([videoFlowing(sponsor, 2), videoFlowing(therapist, 2), videoFlowing(client, 2)]);
+        // Every tile shows its video, not initials, before the pictures are taken.
+        await Promise.all([sponsor, therapist].map((person) => person.page.waitForFunction(
+          () => document.querySelectorAll('#grid .media.no-video').length === 0, null,
+          { timeout: 10_000 })));
 
         await shot(sponsor, 'flows-sponsor.png');
         await shot(therapist, 'flows-sponsor-therapist.png');
