@@ -83,8 +83,8 @@ pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
 pub struct LossEstimate {
     estimate: u64,
     min_rtt: Option<Duration>,
-    /// Whether the last report lowered the estimate (loss or a queue).
-    falling: bool,
+    /// Whether the last report showed congestion (see [`LossEstimate::congested`]).
+    congested: bool,
 }
 
 /// Round-trip time above the lowest seen that means a queue is building.
@@ -105,7 +105,7 @@ impl LossEstimate {
         LossEstimate {
             estimate: initial_bps,
             min_rtt: None,
-            falling: false,
+            congested: false,
         }
     }
 
@@ -116,8 +116,8 @@ impl LossEstimate {
     /// Whether the last report showed congestion: it lowered the estimate (loss over
     /// [`LOSS_DECREASE`], or a queue), or packets were lost while more than the estimate was
     /// sent.
-    pub fn falling(&self) -> bool {
-        self.falling
+    pub fn congested(&self) -> bool {
+        self.congested
     }
 
     /// Takes one report: what was sent toward the subscriber over the last interval, the
@@ -134,7 +134,7 @@ impl LossEstimate {
         // a drop-tail queue loses a few percent while its delay builds). The estimate holds,
         // but what is sent must come down below it.
         let overfull = loss >= LOSS_INCREASE && sent_bps as f64 >= self.estimate as f64 * FULL_USE;
-        self.falling = queueing || loss > LOSS_DECREASE || overfull;
+        self.congested = queueing || loss > LOSS_DECREASE || overfull;
         if queueing {
             let kept = (self.estimate.min(sent_bps) as f64 * 0.85) as u64;
             self.estimate = kept.max(MIN_ESTIMATE);
@@ -314,8 +314,8 @@ pub struct Allocator {
     last_allocated: u64,
     /// Since when every shown video has been at its lowest layer.
     lowest_since: Option<Instant>,
-    /// Whether the estimate's last report lowered it (see [`Allocator::set_falling`]).
-    falling: bool,
+    /// Whether the estimate's last report showed congestion (see [`Allocator::set_congested`]).
+    congested: bool,
     /// Since when video has been paused for bandwidth (or since the last failed try).
     paused_since: Option<Instant>,
     /// The wait before the next try of video after a pause; `None` is [`RESUME_HOLD`].
@@ -326,10 +326,10 @@ pub struct Allocator {
 
 impl Allocator {
     /// Tells the allocator that the estimate's last report showed congestion (see
-    /// [`LossEstimate::falling`]): layers go down to what the budget covers, though this is
+    /// [`LossEstimate::congested`]): layers go down to what the budget covers, though this is
     /// not a reason to pause video.
-    pub fn set_falling(&mut self, falling: bool) {
-        self.falling = falling;
+    pub fn set_congested(&mut self, congested: bool) {
+        self.congested = congested;
     }
 
     /// Chooses a layer for each video.
@@ -387,7 +387,7 @@ impl Allocator {
         }
         let congested = estimate_bps.is_some()
             && (losing
-                || self.falling
+                || self.congested
                 || estimate_bps
                     .zip(self.peak)
                     .is_some_and(|(e, (p, _))| (e as f64) < p as f64 * CONGESTION_DROP));
@@ -403,7 +403,7 @@ impl Allocator {
         // Paused long enough with a clean link: the lowest layer of one video is tried again.
         let mut resume_trial = staying_audio_only
             && !losing
-            && !self.falling
+            && !self.congested
             && self.paused_since.is_some_and(|t| {
                 now.saturating_duration_since(t) >= self.resume_hold.unwrap_or(RESUME_HOLD)
             });
@@ -925,10 +925,10 @@ mod tests {
             1_000_000,
             "a rise under the threshold is not a queue"
         );
-        assert!(!q.falling());
+        assert!(!q.congested());
         q.on_report(600_000, 0.0, Some(ms(180)));
         assert_eq!(q.bps(), 510_000, "85 % of what was sent");
-        assert!(q.falling());
+        assert!(q.congested());
     }
 
     #[test]
@@ -937,17 +937,20 @@ mod tests {
         // 5 % lost while sending well below the estimate: random loss, the estimate holds.
         e.on_report(400_000, 0.05, None);
         assert_eq!(e.bps(), 500_000);
-        assert!(!e.falling());
+        assert!(!e.congested());
         // The same loss while sending more than the estimate: a step up overfilled the link.
         e.on_report(620_000, 0.05, None);
         assert_eq!(e.bps(), 500_000, "the estimate holds");
-        assert!(e.falling(), "but the layers must come down to it");
+        assert!(e.congested(), "but the layers must come down to it");
         // Or sending nearly all of it: the estimate sits just above what the link carries.
         e.on_report(450_000, 0.04, None);
-        assert!(e.falling(), "a full link losing a few percent is congested");
+        assert!(
+            e.congested(),
+            "a full link losing a few percent is congested"
+        );
         // Sending beyond the estimate with no loss is a probe that worked.
         e.on_report(620_000, 0.0, None);
-        assert!(!e.falling());
+        assert!(!e.congested());
         assert!(e.bps() > 500_000);
     }
 
@@ -969,7 +972,7 @@ mod tests {
             vec![Want::Layer(Layer::High)]
         );
         // The estimate's last report lowered it (loss over 10 %): down to what fits.
-        a.set_falling(true);
+        a.set_congested(true);
         let out = a.allocate(ms(1000), Some(800_000), false, 1, false, &n);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Medium)]);
         // Falling alone never pauses: the lowest layer at worst.

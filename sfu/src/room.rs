@@ -1141,10 +1141,10 @@ impl Room {
         }
         let estimate = Some(p.estimate.bps());
         let losing = p.subscribe_stats.loss.is_some_and(|l| l >= PAUSE_LOSS);
-        let falling = p.estimate.falling();
+        let congested = p.estimate.congested();
         let requested = p.audio_only_requested;
         let p = &mut self.participants[i];
-        p.allocator.set_falling(falling);
+        p.allocator.set_congested(congested);
         let allocation =
             p.allocator
                 .allocate(now, estimate, losing, audio_streams, requested, &needs);
@@ -1154,7 +1154,8 @@ impl Room {
             changed |= forwarder.wanted() != Some(*want);
             forwarder.set_want(*want);
         }
-        if changed {
+        // Formatted only when someone reads it: this runs for every subscriber twice a second.
+        if changed && tracing::enabled!(tracing::Level::DEBUG) {
             let layers: Vec<String> = allocation
                 .wants
                 .iter()
@@ -1174,7 +1175,7 @@ impl Room {
                 estimate_kbps = p.estimate.bps() / 1000,
                 sent_kbps = p.subscribe_stats.bps.unwrap_or(0) / 1000,
                 loss = p.subscribe_stats.loss.unwrap_or(0.0),
-                falling,
+                congested,
                 "layers chosen"
             );
         }
