@@ -19,7 +19,7 @@ use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::RtpWrite;
+use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
@@ -86,6 +86,8 @@ impl Rng {
 #[derive(Clone, Debug)]
 pub struct Received {
     pub mid: Mid,
+    /// The payload type it arrived on.
+    pub pt: u8,
     pub seq: u64,
     pub timestamp: u32,
     pub payload: Vec<u8>,
@@ -112,6 +114,8 @@ pub struct SimClient {
     /// Loss on the way to the server and on the way back.
     pub loss_up: f64,
     pub loss_down: f64,
+    /// The audio level (RFC 6464, -dBov) put on audio packets; none when `None`.
+    pub audio_level: Option<i8>,
     pub received: Vec<Received>,
     /// Mids of the subscribe connection and whose video/audio each carries.
     pub tracks: HashMap<Mid, (ParticipantId, &'static str)>,
@@ -139,6 +143,21 @@ impl SimClient {
 
     pub fn audio_from(&self, publisher: &ParticipantId) -> Vec<&Received> {
         self.from(publisher, "audio")
+    }
+
+    /// The Opus payload type and, where negotiated, the RED payload type of the publish
+    /// connection (`false`) or the subscribe connection (`true`).
+    pub fn opus_pts(&self, subscribe: bool) -> Option<(u8, Option<u8>)> {
+        let rtc = if subscribe {
+            &self.subscribe
+        } else {
+            &self.publish
+        };
+        rtc.codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .map(|p| (*p.pt(), p.red().map(|r| *r)))
     }
 
     fn from(&self, publisher: &ParticipantId, kind: &str) -> Vec<&Received> {
@@ -205,6 +224,20 @@ impl SimRoom {
 
     /// Adds a participant to the room and gives them a client that publishes audio and video.
     pub fn join(&mut self, id: &str, simulcast: bool) -> usize {
+        self.join_with_red(id, simulcast, false, false)
+    }
+
+    /// Like [`SimRoom::join`], with RED (RFC 2198) for Opus offered on the publish
+    /// connection (the client then sends every audio packet as RED, carrying the previous
+    /// packet as a redundant block, if the room accepts it) and accepted on the subscribe
+    /// connection.
+    pub fn join_with_red(
+        &mut self,
+        id: &str,
+        simulcast: bool,
+        publish_red: bool,
+        receive_red: bool,
+    ) -> usize {
         let id = ParticipantId::parse(id).unwrap_or_else(|_| unreachable!());
         let (reply, mut rx) = oneshot::channel();
         self.room.handle_command(
@@ -220,8 +253,8 @@ impl SimRoom {
         let mut client = SimClient {
             id: id.clone(),
             index,
-            publish: client_rtc(self.now),
-            subscribe: client_rtc(self.now),
+            publish: client_rtc(self.now, publish_red),
+            subscribe: client_rtc(self.now, receive_red),
             publish_timeout: self.now,
             subscribe_timeout: self.now,
             simulcast,
@@ -234,6 +267,7 @@ impl SimRoom {
             media_start: None,
             loss_up: 0.0,
             loss_down: 0.0,
+            audio_level: None,
             received: Vec::new(),
             tracks: HashMap::new(),
         };
@@ -454,6 +488,7 @@ impl SimRoom {
                             if let Some(mid) = mid {
                                 c.received.push(Received {
                                     mid,
+                                    pt: *p.header.payload_type,
                                     seq: *p.seq_no,
                                     timestamp: p.header.timestamp,
                                     payload: p.payload.to_vec(),
@@ -496,11 +531,11 @@ impl SimRoom {
 }
 
 /// A client connection: str0m in RTP mode, full ICE (the server is ICE-lite).
-fn client_rtc(now: Instant) -> Rtc {
+fn client_rtc(now: Instant, red: bool) -> Rtc {
     Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false)
+        .enable_opus(true, red)
         .enable_vp8(true)
         .build(now)
 }
@@ -546,6 +581,7 @@ fn send_media(c: &mut SimClient, now: Instant) {
     let start = *c.media_start.get_or_insert(now);
     let elapsed = now.saturating_duration_since(start).as_micros() as u64;
     let opus = pt_of(&c.publish, Codec::Opus);
+    let red = c.opus_pts(false).and_then(|(_, red)| red);
     let vp8 = pt_of(&c.publish, Codec::Vp8);
 
     while (c.audio_seq - 1) * 20_000 <= elapsed {
@@ -556,7 +592,28 @@ fn send_media(c: &mut SimClient, now: Instant) {
         };
         let payload = marked(c.index, c.audio_seq, 120);
         let ts = ((c.audio_seq - 1) * 960) as u32;
-        tx.write_rtp(RtpWrite::new(opus, c.audio_seq.into(), ts, now, payload));
+        // With RED, the previous packet's payload rides along, 960 ticks (20 ms) back.
+        let (pt, payload) = match red {
+            Some(red) => {
+                let previous = (c.audio_seq > 1).then(|| marked(c.index, c.audio_seq - 1, 120));
+                let redundant: Vec<(u8, u16, &[u8])> = previous
+                    .iter()
+                    .map(|p| (*opus, 960, p.as_slice()))
+                    .collect();
+                match crate::red::wrap(&redundant, *opus, &payload) {
+                    Some(wrapped) => (Pt::from(red), wrapped),
+                    None => (opus, payload),
+                }
+            }
+            None => (opus, payload),
+        };
+        let exts = ExtensionValues {
+            audio_level: c.audio_level,
+            // str0m writes the level only together with the voice activity flag.
+            voice_activity: c.audio_level.map(|_| true),
+            ..ExtensionValues::default()
+        };
+        tx.write_rtp(RtpWrite::new(pt, c.audio_seq.into(), ts, now, payload).ext_vals(exts));
         c.audio_seq += 1;
     }
 
@@ -601,8 +658,9 @@ fn send_media(c: &mut SimClient, now: Instant) {
     }
 }
 
-/// An audio payload naming its sender and sequence number.
-fn marked(index: u16, seq: u64, len: usize) -> Vec<u8> {
+/// An audio payload naming its sender and sequence number (what a RED packet's primary
+/// block carries, too).
+pub fn marked(index: u16, seq: u64, len: usize) -> Vec<u8> {
     let mut p = vec![0u8; len];
     p[0..2].copy_from_slice(&index.to_be_bytes());
     p[2..10].copy_from_slice(&seq.to_be_bytes());
@@ -620,4 +678,16 @@ fn pt_of(rtc: &Rtc, codec: Codec) -> Option<Pt> {
 /// The simulcast layer a forwarded video payload came from (see `send_media`).
 pub fn layer_of(payload: &[u8]) -> Option<u8> {
     payload.get(5).copied()
+}
+
+/// The blocks of a RED payload, oldest first, the primary last: payload type, timestamp
+/// offset and bytes. `None` when the payload is not valid RED.
+pub fn red_blocks(payload: &[u8]) -> Option<Vec<(u8, u16, Vec<u8>)>> {
+    let red = crate::red::Red::parse(payload).ok()?;
+    red.blocks()
+        .map(|b| {
+            let bytes = payload.get(b.range.clone())?.to_vec();
+            Some((b.pt, b.timestamp_offset, bytes))
+        })
+        .collect()
 }
