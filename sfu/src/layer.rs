@@ -79,12 +79,23 @@ pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
 /// A queue building on the way counts too: a round-trip time [`QUEUE_DELAY`] above the
 /// lowest seen means a router is holding packets rather than dropping them (a deep buffer),
 /// and the estimate drops to 85 % of what was sent.
+///
+/// The starting value is a guess: until a report has shown a link carrying at least
+/// 1 / [`GROWTH_CAP`] of it, clean reports bring it down to [`GROWTH_CAP`] times what was
+/// carried, so a guess above what a weak link carries never lets the allocator jump layers.
+///
+/// Loss and round-trip time come from the subscriber's transport-wide congestion control
+/// feedback (str0m matches each feedback to the packets it sent, by transport sequence
+/// number): loss over the last second and the round trip of the latest packet reported.
 #[derive(Debug, Clone)]
 pub struct LossEstimate {
     estimate: u64,
     min_rtt: Option<Duration>,
     /// Whether the last report showed congestion (see [`LossEstimate::congested`]).
     congested: bool,
+    /// Whether a report has backed the estimate: a loss or a queue set it, or a clean report
+    /// showed the link carrying enough that the estimate is within reach of what it saw.
+    proven: bool,
 }
 
 /// Round-trip time above the lowest seen that means a queue is building.
@@ -106,11 +117,18 @@ impl LossEstimate {
             estimate: initial_bps,
             min_rtt: None,
             congested: false,
+            proven: false,
         }
     }
 
     pub fn bps(&self) -> u64 {
         self.estimate
+    }
+
+    /// Whether a report has backed the estimate (see [`LossEstimate`]); until then it is the
+    /// starting guess or below it.
+    pub fn proven(&self) -> bool {
+        self.proven
     }
 
     /// Whether the last report showed congestion: it lowered the estimate (loss over
@@ -138,13 +156,26 @@ impl LossEstimate {
         if queueing {
             let kept = (self.estimate.min(sent_bps) as f64 * 0.85) as u64;
             self.estimate = kept.max(MIN_ESTIMATE);
+            self.proven = true;
         } else if loss > LOSS_DECREASE {
+            // Down by half the loss, and never above what got through: a link that dropped
+            // a quarter of what was sent carries at most the rest.
             let kept = (self.estimate as f64 * (1.0 - 0.5 * f64::from(loss))) as u64;
-            self.estimate = kept.max(MIN_ESTIMATE);
+            let delivered = (sent_bps as f64 * (1.0 - f64::from(loss))) as u64;
+            self.estimate = kept.min(delivered).max(MIN_ESTIMATE);
+            self.proven = true;
         } else if loss < LOSS_INCREASE {
             let grown = (self.estimate.max(sent_bps) as f64 * 1.08) as u64;
-            let ceiling = ((sent_bps as f64 * GROWTH_CAP) as u64).max(self.estimate);
-            self.estimate = grown.min(ceiling);
+            let reach = (sent_bps as f64 * GROWTH_CAP) as u64;
+            // A proven estimate is not lowered by a quiet moment (a still picture sends
+            // little); the starting guess is, until what was carried reaches it.
+            let ceiling = if self.proven {
+                reach.max(self.estimate)
+            } else {
+                reach
+            };
+            self.estimate = grown.min(ceiling).max(MIN_ESTIMATE);
+            self.proven |= reach >= self.estimate;
         }
     }
 }
@@ -314,8 +345,11 @@ pub struct Allocator {
     last_allocated: u64,
     /// Since when every shown video has been at its lowest layer.
     lowest_since: Option<Instant>,
-    /// Whether the estimate's last report showed congestion (see [`Allocator::set_congested`]).
+    /// Whether the estimate's last report showed congestion (see [`Allocator::set_estimate`]).
     congested: bool,
+    /// Whether the estimate is still the starting guess, backed by no report (see
+    /// [`LossEstimate::proven`]).
+    guess: bool,
     /// Since when video has been paused for bandwidth (or since the last failed try).
     paused_since: Option<Instant>,
     /// The wait before the next try of video after a pause; `None` is [`RESUME_HOLD`].
@@ -325,17 +359,21 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    /// Tells the allocator that the estimate's last report showed congestion (see
-    /// [`LossEstimate::congested`]): layers go down to what the budget covers, though this is
-    /// not a reason to pause video.
-    pub fn set_congested(&mut self, congested: bool) {
+    /// Tells the allocator what the estimator knows beyond the figure: whether its last
+    /// report showed congestion (see [`LossEstimate::congested`]; layers go down to what the
+    /// budget covers, though this is not a reason to pause video), and whether the figure is
+    /// backed by a report yet (see [`LossEstimate::proven`]; the starting guess is no peak to
+    /// fall from).
+    pub fn set_estimate(&mut self, congested: bool, proven: bool) {
         self.congested = congested;
+        self.guess = !proven;
     }
 
     /// Chooses a layer for each video.
     ///
     /// `estimate_bps` is `None` while no estimate exists; then only the display sizes limit
     /// what is sent. `losing` says the subscriber reports loss of [`PAUSE_LOSS`] or more.
+    /// `audio_bps` is what the subscriber's audio takes; it comes off the budget first.
     ///
     /// An estimator learns what a link carries only from what is sent, and lags behind what
     /// it could carry, so the estimate alone would hold a subscriber at a low layer forever.
@@ -355,7 +393,7 @@ impl Allocator {
         now: Instant,
         estimate_bps: Option<u64>,
         losing: bool,
-        audio_streams: usize,
+        audio_bps: u64,
         requested_audio_only: bool,
         needs: &[VideoNeed],
     ) -> Allocation {
@@ -377,7 +415,9 @@ impl Allocator {
             self.audio_only = None;
         }
 
-        if let Some(e) = estimate_bps {
+        if self.guess {
+            self.peak = None;
+        } else if let Some(e) = estimate_bps {
             let stale = self
                 .peak
                 .is_none_or(|(p, at)| e >= p || now.saturating_duration_since(at) > PEAK_WINDOW);
@@ -396,7 +436,7 @@ impl Allocator {
         let may_step = !congested && since_upgrade.is_none_or(|d| d >= hold);
         let mut stepped = false;
 
-        let audio = AUDIO_BPS * audio_streams as u64;
+        let audio = audio_bps;
         let mut budget =
             estimate_bps.map(|e| ((e as f64 * ESTIMATE_SHARE) as u64).saturating_sub(audio));
         let staying_audio_only = self.audio_only == Some(AudioOnlyReason::Bandwidth);
@@ -479,6 +519,8 @@ impl Allocator {
                 (_, None) if losing => None,
                 (_, None) => Some(lowest),
                 (Some(p), Some(b)) if b.layer < p.layer && !congested => Some(p),
+                // Congested: down to what the budget covers, never up.
+                (Some(p), Some(b)) if b.layer > p.layer && congested => Some(p),
                 (Some(p), Some(b)) if b.layer <= p.layer => Some(b),
                 // Covered by the budget, but too soon after the last step: stay. (Only the base
                 // hold applies here; the backoff is for steps beyond the budget.)
@@ -695,7 +737,7 @@ mod tests {
             t,
             Some(10_000_000),
             false,
-            1,
+            AUDIO_BPS,
             false,
             &[need(None), need(Some((300, 170)))],
         );
@@ -705,7 +747,14 @@ mod tests {
         );
         assert_eq!(out.audio_only, None);
         // A video shown at 0x0 (hidden) is not sent at all, and is not audio-only.
-        let out = a.allocate(t, Some(10_000_000), true, 1, false, &[need(Some((0, 0)))]);
+        let out = a.allocate(
+            t,
+            Some(10_000_000),
+            true,
+            AUDIO_BPS,
+            false,
+            &[need(Some((0, 0)))],
+        );
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, None);
     }
@@ -734,16 +783,16 @@ mod tests {
         let t0 = Instant::now();
         let s = |n| t0 + Duration::from_secs(n);
         let mut a = Allocator::default();
-        let out = a.allocate(s(0), Some(150_000), true, 1, false, &[need(None)]);
+        let out = a.allocate(s(0), Some(150_000), true, AUDIO_BPS, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
         assert!(out.desired_bps > 1_500_000, "probes for the top layer");
 
         // Just enough for the low layer, but not with headroom: still audio-only.
-        let out = a.allocate(s(1), Some(260_000), false, 1, false, &[need(None)]);
+        let out = a.allocate(s(1), Some(260_000), false, AUDIO_BPS, false, &[need(None)]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
         // With headroom, video returns at the low layer.
-        let out = a.allocate(s(3), Some(300_000), false, 1, false, &[need(None)]);
+        let out = a.allocate(s(3), Some(300_000), false, AUDIO_BPS, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
     }
@@ -758,42 +807,44 @@ mod tests {
         let low = vec![Want::Layer(Layer::Low)];
         // The lowest layer, then loss there for LOSS_CONFIRM: paused.
         assert_eq!(
-            a.allocate(ms(0), Some(100_000), false, 1, false, &n).wants,
+            a.allocate(ms(0), Some(100_000), false, AUDIO_BPS, false, &n)
+                .wants,
             low
         );
         assert_eq!(
-            a.allocate(ms(500), Some(100_000), true, 1, false, &n).wants,
+            a.allocate(ms(500), Some(100_000), true, AUDIO_BPS, false, &n)
+                .wants,
             low
         );
-        let out = a.allocate(ms(3500), Some(100_000), true, 1, false, &n);
+        let out = a.allocate(ms(3500), Some(100_000), true, AUDIO_BPS, false, &n);
         assert_eq!(out.audio_only, paused);
         // The loss stops (only audio is sent), but the estimate, which learns from what is
         // sent, stays far below the lowest layer: no try before RESUME_HOLD.
-        let out = a.allocate(ms(5500), Some(100_000), false, 1, false, &n);
+        let out = a.allocate(ms(5500), Some(100_000), false, AUDIO_BPS, false, &n);
         assert_eq!(out.audio_only, paused);
         // RESUME_HOLD after the pause, on a clean link: the lowest layer, on trial.
-        let out = a.allocate(ms(7500), Some(100_000), false, 1, false, &n);
+        let out = a.allocate(ms(7500), Some(100_000), false, AUDIO_BPS, false, &n);
         assert_eq!(out.wants, low);
         assert_eq!(out.audio_only, None);
         // It holds while the link carries it (no loss), even with a low estimate.
         assert_eq!(
-            a.allocate(ms(8000), Some(110_000), false, 1, false, &n)
+            a.allocate(ms(8000), Some(110_000), false, AUDIO_BPS, false, &n)
                 .wants,
             low
         );
         // The link still cannot carry it: the first loss report ends the try (no
         // LOSS_CONFIRM this time; the audio has suffered enough).
-        let out = a.allocate(ms(8500), Some(100_000), true, 1, false, &n);
+        let out = a.allocate(ms(8500), Some(100_000), true, AUDIO_BPS, false, &n);
         assert_eq!(out.audio_only, paused);
         // The failed try doubles the wait: nothing at RESUME_HOLD, a try at twice it.
-        let out = a.allocate(ms(8500 + 4_500), Some(100_000), false, 1, false, &n);
+        let out = a.allocate(ms(8500 + 4_500), Some(100_000), false, AUDIO_BPS, false, &n);
         assert_eq!(out.audio_only, paused);
-        let out = a.allocate(ms(8500 + 8_000), Some(100_000), false, 1, false, &n);
+        let out = a.allocate(ms(8500 + 8_000), Some(100_000), false, AUDIO_BPS, false, &n);
         assert_eq!(out.wants, low);
         // Never while the link is still losing.
         let mut b = Allocator::default();
-        b.allocate(ms(0), Some(100_000), true, 1, false, &n);
-        let out = b.allocate(ms(30_000), Some(100_000), true, 1, false, &n);
+        b.allocate(ms(0), Some(100_000), true, AUDIO_BPS, false, &n);
+        let out = b.allocate(ms(30_000), Some(100_000), true, AUDIO_BPS, false, &n);
         assert_eq!(out.audio_only, paused);
     }
 
@@ -804,24 +855,24 @@ mod tests {
         let mut a = Allocator::default();
         let n = [need(None)];
         assert_eq!(
-            a.allocate(ms(0), Some(5_000_000), false, 1, false, &n)
+            a.allocate(ms(0), Some(5_000_000), false, AUDIO_BPS, false, &n)
                 .wants,
             vec![Want::Layer(Layer::High)]
         );
         assert_eq!(
-            a.allocate(ms(500), Some(800_000), false, 1, false, &n)
+            a.allocate(ms(500), Some(800_000), false, AUDIO_BPS, false, &n)
                 .wants,
             vec![Want::Layer(Layer::Medium)]
         );
         // The estimate recovers at once, but the upgrade waits for the hold.
         assert_eq!(
-            a.allocate(ms(1000), Some(5_000_000), false, 1, false, &n)
+            a.allocate(ms(1000), Some(5_000_000), false, AUDIO_BPS, false, &n)
                 .wants,
             vec![Want::Layer(Layer::Medium)]
         );
         // Once the hold has passed, the budget covers the top layer again.
         assert_eq!(
-            a.allocate(ms(2000), Some(5_000_000), false, 1, false, &n)
+            a.allocate(ms(2000), Some(5_000_000), false, AUDIO_BPS, false, &n)
                 .wants,
             vec![Want::Layer(Layer::High)]
         );
@@ -831,12 +882,12 @@ mod tests {
     fn a_low_estimate_without_loss_gives_the_lowest_layer_not_a_pause() {
         let t0 = Instant::now();
         let mut a = Allocator::default();
-        let out = a.allocate(t0, Some(150_000), false, 1, false, &[need(None)]);
+        let out = a.allocate(t0, Some(150_000), false, AUDIO_BPS, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
         // With loss going on at the lowest layer, it pauses.
         let later = t0 + LOSS_CONFIRM;
-        let out = a.allocate(later, Some(150_000), true, 1, false, &[need(None)]);
+        let out = a.allocate(later, Some(150_000), true, AUDIO_BPS, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
     }
@@ -847,7 +898,10 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let mut a = Allocator::default();
         let n = [need(None)];
-        let mut at = |t, est, losing| a.allocate(ms(t), Some(est), losing, 1, false, &n).wants;
+        let mut at = |t, est, losing| {
+            a.allocate(ms(t), Some(est), losing, AUDIO_BPS, false, &n)
+                .wants
+        };
         // 400 kbit/s: the low layer (150) fits the budget, medium (500) does not.
         assert_eq!(at(0, 400_000, false), vec![Want::Layer(Layer::Low)]);
         assert_eq!(at(1_000, 400_000, false), vec![Want::Layer(Layer::Low)]);
@@ -870,7 +924,7 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let mut a = Allocator::default();
         let n = [need(None)];
-        let mut at = |t, est, losing| a.allocate(ms(t), Some(est), losing, 1, false, &n);
+        let mut at = |t, est, losing| a.allocate(ms(t), Some(est), losing, AUDIO_BPS, false, &n);
         assert_eq!(
             at(0, 5_000_000, false).wants,
             vec![Want::Layer(Layer::High)]
@@ -906,29 +960,92 @@ mod tests {
         // Sending more and it is carried: grows with it.
         e.on_report(1_000_000, 0.0, None);
         assert_eq!(e.bps(), 1_080_000);
-        // Heavy loss again and again: never below the floor.
-        e.on_report(50_000, 0.9, None);
-        assert_eq!(e.bps(), 594_000);
-        for _ in 0..10 {
-            e.on_report(50_000, 0.9, None);
-        }
+        // A quarter lost while sending 1.2 Mbit/s: not above the 900 kbit/s that got through
+        // (half the loss off the estimate alone would have kept 945 kbit/s).
+        e.on_report(1_200_000, 0.25, None);
+        assert_eq!(e.bps(), 900_000);
+        // Heavy loss while sending a little: never below the floor.
+        e.on_report(150_000, 0.9, None);
         assert_eq!(e.bps(), 100_000);
 
         // A queue building without loss: the round trip rises 100 ms over its lowest.
         let ms = Duration::from_millis;
         let mut q = LossEstimate::new(1_000_000);
         q.on_report(600_000, 0.0, Some(ms(20)));
-        assert_eq!(q.bps(), 1_000_000);
+        assert_eq!(q.bps(), 960_000);
         q.on_report(600_000, 0.0, Some(ms(90)));
         assert_eq!(
             q.bps(),
-            1_000_000,
+            960_000,
             "a rise under the threshold is not a queue"
         );
         assert!(!q.congested());
         q.on_report(600_000, 0.0, Some(ms(180)));
         assert_eq!(q.bps(), 510_000, "85 % of what was sent");
         assert!(q.congested());
+    }
+
+    #[test]
+    fn the_starting_guess_comes_down_to_what_the_link_was_seen_to_carry() {
+        let mut e = LossEstimate::new(1_000_000);
+        assert!(!e.proven());
+        // The first clean report while little is sent: the guess is not kept above 1.6
+        // times what was carried, so it cannot let the allocator jump two layers at once.
+        e.on_report(300_000, 0.0, None);
+        assert_eq!(e.bps(), 480_000);
+        assert!(e.proven());
+        // Once backed, a quiet moment (a still picture) does not lower it.
+        e.on_report(100_000, 0.0, None);
+        assert_eq!(e.bps(), 480_000);
+        // A guess already below what was carried grows as before, and is backed at once.
+        let mut low = LossEstimate::new(200_000);
+        low.on_report(300_000, 0.0, None);
+        assert_eq!(low.bps(), 324_000);
+        assert!(low.proven());
+    }
+
+    #[test]
+    fn the_starting_guess_is_no_peak_to_fall_from() {
+        let now = Instant::now();
+        let need = |bps: [u64; 3]| VideoNeed {
+            layers: Layer::ALL
+                .iter()
+                .zip(bps)
+                .map(|(&layer, bps)| LayerOption {
+                    layer,
+                    bps,
+                    size: None,
+                })
+                .collect(),
+            display: None,
+        };
+        let needs = [need([150_000, 300_000, 600_000])];
+        let mut a = Allocator::default();
+        a.set_estimate(false, false);
+        let out = a.allocate(now, Some(1_000_000), false, AUDIO_BPS, false, &needs);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::High)]);
+        // The first report brings the guess down to 560 kbit/s: backed now, and not a fall
+        // (a fall would be congestion and take the video down to what the budget covers).
+        a.set_estimate(false, true);
+        let out = a.allocate(
+            now + Duration::from_secs(1),
+            Some(560_000),
+            false,
+            AUDIO_BPS,
+            false,
+            &needs,
+        );
+        assert_eq!(out.wants, vec![Want::Layer(Layer::High)]);
+        // A real fall from there is congestion: down to what the budget covers.
+        let out = a.allocate(
+            now + Duration::from_secs(2),
+            Some(300_000),
+            false,
+            AUDIO_BPS,
+            false,
+            &needs,
+        );
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
     }
 
     #[test]
@@ -961,22 +1078,22 @@ mod tests {
         let mut a = Allocator::default();
         let n = [need(None)];
         assert_eq!(
-            a.allocate(ms(0), Some(5_000_000), false, 1, false, &n)
+            a.allocate(ms(0), Some(5_000_000), false, AUDIO_BPS, false, &n)
                 .wants,
             vec![Want::Layer(Layer::High)]
         );
         // 4.5 Mbit/s is within the peak's 75 %: not congested, nothing goes down.
         assert_eq!(
-            a.allocate(ms(500), Some(4_500_000), false, 1, false, &n)
+            a.allocate(ms(500), Some(4_500_000), false, AUDIO_BPS, false, &n)
                 .wants,
             vec![Want::Layer(Layer::High)]
         );
         // The estimate's last report lowered it (loss over 10 %): down to what fits.
-        a.set_congested(true);
-        let out = a.allocate(ms(1000), Some(800_000), false, 1, false, &n);
+        a.set_estimate(true, true);
+        let out = a.allocate(ms(1000), Some(800_000), false, AUDIO_BPS, false, &n);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Medium)]);
         // Falling alone never pauses: the lowest layer at worst.
-        let out = a.allocate(ms(5000), Some(100_000), false, 1, false, &n);
+        let out = a.allocate(ms(5000), Some(100_000), false, AUDIO_BPS, false, &n);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
     }
@@ -1003,7 +1120,7 @@ mod tests {
             Instant::now(),
             None,
             false,
-            1,
+            AUDIO_BPS,
             false,
             &[need(Some((640, 360)))],
         );

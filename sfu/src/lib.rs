@@ -24,7 +24,9 @@ mod error;
 mod forward;
 mod keyframe;
 mod layer;
+mod pacer;
 pub mod per_address;
+mod red;
 mod room;
 #[doc(hidden)]
 pub mod sim;

@@ -30,8 +30,10 @@ use crate::keyframe::{
 };
 use crate::layer::{
     layers_for_rids, Allocator, AudioOnlyReason, Layer, LayerOption, LossEstimate, RateMeter,
-    VideoNeed, ALLOCATION_INTERVAL, PAUSE_LOSS,
+    VideoNeed, ALLOCATION_INTERVAL, AUDIO_BPS, PAUSE_LOSS,
 };
+use crate::pacer::Pacer;
+use crate::red::AudioPacket;
 use crate::speaker::{LevelMeter, SpeakerTracker, SPEAKER_INTERVAL};
 use crate::tcp::TcpWriter;
 use crate::vp8::Descriptor;
@@ -66,6 +68,17 @@ const RTX_CACHE_AGE: Duration = Duration::from_millis(1000);
 /// Queued retransmissions are dropped when they would make up more than this share of what a
 /// stream sends: repair must not crowd out new media on a congested link.
 const RTX_RATIO_CAP: f32 = 0.15;
+
+/// What video is paced at, as a multiple of the subscriber's estimate: room for a keyframe
+/// to drain while the link's own queue absorbs the rest.
+const PACING_FACTOR: f64 = 1.25;
+
+/// Video held back this long by the pacer counts as congestion for the layer choice.
+const PACER_CONGESTION: Duration = Duration::from_millis(250);
+
+/// Bytes of an RTP packet beyond its payload, as the pacer counts it (header with the
+/// extensions Haven sends, SRTP tag).
+const RTP_OVERHEAD: usize = 40;
 
 /// How often str0m reports each connection's figures (loss among them).
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
@@ -252,6 +265,10 @@ struct Participant {
 
     publish_stats: StatsWindow,
     subscribe_stats: StatsWindow,
+    /// Spreads the video sent to this participant over time (see `sfu/src/pacer.rs`).
+    pacer: Pacer<(Mid, RtpWrite)>,
+    /// The audio sent to this participant (RED doubles a voice's rate where negotiated).
+    audio_sent: RateMeter,
 }
 
 /// Connection figures from str0m's periodic stats, turned into rates.
@@ -364,12 +381,14 @@ impl Room {
     fn new_peer(&self, now: Instant) -> Result<Peer, SfuError> {
         // VP8 first: it is what every browser can both send and receive, and simulcast with
         // it is what the forwarder understands best. The others are accepted from publishers
-        // that offer nothing else.
+        // that offer nothing else. RED (RFC 2198) is offered and accepted with Opus; str0m
+        // keeps it only where the other side lists it too, and `forward` unwraps it for
+        // subscribers without it.
         let builder = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .clear_codecs()
-            .enable_opus(true, false)
+            .enable_opus(true, true)
             .enable_vp8(true)
             .enable_h264(true)
             .enable_vp9(true)
@@ -503,6 +522,8 @@ impl Room {
             subscribe: self.new_peer(now)?,
             tracks: Vec::new(),
             subs: Vec::new(),
+            pacer: Pacer::default(),
+            audio_sent: RateMeter::default(),
             pending_adds,
             pending_removals: Vec::new(),
             negotiation: 0,
@@ -701,10 +722,10 @@ impl Room {
                 None,
             );
             let mut forwarder = Forwarder::new(track.kind);
-            // A simulcast video starts at its medium layer, which the first estimate carries;
-            // the layer choice moves it from there once the layers' rates are measured.
+            // A simulcast video starts at its lowest layer, which any link carries; the layer
+            // choice moves it up once the subscriber's feedback has shown what the link takes.
             if track.simulcast {
-                forwarder.set_want(Want::Layer(Layer::Medium));
+                forwarder.set_want(Want::Layer(Layer::Low));
             }
             p.subs.push(Subscription {
                 mid,
@@ -793,6 +814,19 @@ impl Room {
     }
 
     pub(crate) fn handle_timeouts(&mut self, now: Instant) {
+        let mut paced = Vec::new();
+        for p in &mut self.participants {
+            if p.pacer.next_release().is_some_and(|t| t <= now) {
+                p.pacer.release(now, &mut paced);
+                let mut api = p.subscribe.rtc.direct_api();
+                for (mid, write) in paced.drain(..) {
+                    if let Some(tx) = api.stream_tx_by_mid(mid, None) {
+                        tx.write_rtp(write);
+                    }
+                }
+            }
+        }
+
         for p in &mut self.participants {
             for peer in [&mut p.publish, &mut p.subscribe] {
                 if peer.next_timeout <= now {
@@ -854,6 +888,9 @@ impl Room {
                 .min(p.publish.next_timeout)
                 .min(p.subscribe.next_timeout);
             if let Some(d) = p.activity.deadline() {
+                deadline = deadline.min(d);
+            }
+            if let Some(d) = p.pacer.next_release() {
                 deadline = deadline.min(d);
             }
         }
@@ -919,6 +956,16 @@ impl Room {
                         p.subscribe_stats.update(&stats, stats.peer_bytes_tx, loss);
                         if let (Some(sent), Some(loss)) = (p.subscribe_stats.bps, loss) {
                             p.estimate.on_report(sent, loss, stats.rtt);
+                            tracing::debug!(
+                                session_id = %self.ctx.session,
+                                participant_id = %p.id,
+                                sent_kbps = sent / 1000,
+                                loss,
+                                rtt_ms = stats.rtt.map(|r| r.as_millis() as u64),
+                                estimate_kbps = p.estimate.bps() / 1000,
+                                congested = p.estimate.congested(),
+                                "feedback"
+                            );
                         }
                     }
                 }
@@ -991,7 +1038,8 @@ impl Room {
         else {
             return;
         };
-        let Some(codec) = codec_of(&publisher.publish.rtc, pkt.header.payload_type) else {
+        let Some((codec, red_wraps)) = codec_of(&publisher.publish.rtc, pkt.header.payload_type)
+        else {
             return;
         };
         if codec == Codec::Opus {
@@ -1002,6 +1050,19 @@ impl Room {
                 return;
             }
         }
+        // Audio leaves in the form each subscriber negotiated: RED as it came, or its primary
+        // block as plain Opus. A payload that is not valid RED reaches nobody.
+        let mut audio = match red_wraps {
+            Some(opus) => match AudioPacket::red(pkt.payload.clone(), opus) {
+                Ok(a) => Some(a),
+                Err(error) => {
+                    tracing::trace!(session_id = %self.ctx.session, ?error, "malformed RED payload dropped");
+                    return;
+                }
+            },
+            None if codec == Codec::Opus => Some(AudioPacket::plain(pkt.payload.clone())),
+            None => None,
+        };
 
         let vp8 = (codec == Codec::Vp8)
             .then(|| Descriptor::parse(&pkt.payload))
@@ -1062,18 +1123,25 @@ impl Room {
             else {
                 continue;
             };
-            let Some(pt) = pt_for(&p.subscribe.rtc, codec) else {
+            let Some((pt, red_pt)) = pt_for(&p.subscribe.rtc, codec) else {
                 continue;
+            };
+            let audio_out = match &mut audio {
+                Some(a) => match a.for_subscriber(pt, red_pt) {
+                    Some(out) => Some(out),
+                    None => continue,
+                },
+                None => None,
             };
             let mut api = p.subscribe.rtc.direct_api();
             // The stream exists once the subscriber has answered; until then drop quietly.
             let Some(tx) = api.stream_tx_by_mid(sub.mid, None) else {
                 continue;
             };
-            // A simulcast video starts at its medium layer, which the first estimate carries,
-            // until the layer choice has measured the layers (a rid says it is simulcast).
+            // A simulcast video starts at its lowest layer until the layer choice has measured
+            // the layers (a rid says it is simulcast).
             if rid.is_some() && sub.forwarder.is_undecided() {
-                sub.forwarder.set_want(Want::Layer(Layer::Medium));
+                sub.forwarder.set_want(Want::Layer(Layer::Low));
             }
             let Some(out) = sub.forwarder.accept(incoming, picture_id, tl0) else {
                 continue;
@@ -1087,24 +1155,34 @@ impl Room {
                     tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(RTX_RATIO_CAP));
                 }
             }
-            let payload = match vp8 {
-                Some(d) if out.picture_id_offset != 0 || out.tl0_offset != 0 => {
+            let (pt, payload) = match (audio_out, vp8) {
+                (Some(audio), _) => audio,
+                (None, Some(d)) if out.picture_id_offset != 0 || out.tl0_offset != 0 => {
                     let mut copy = pkt.payload.to_vec();
                     d.rewrite(&mut copy, out.picture_id_offset, out.tl0_offset);
-                    copy.into()
+                    (pt, copy.into())
                 }
-                _ => pkt.payload.clone(),
+                (None, _) => (pt, pkt.payload.clone()),
             };
 
             if !sub.configured {
                 sub.configured = true;
                 tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, Some(RTX_RATIO_CAP));
             }
+            let bytes = payload.len() + RTP_OVERHEAD;
             let write = RtpWrite::new(pt, out.seq.into(), out.timestamp, pkt.timestamp, payload)
                 .marker(pkt.header.marker)
                 .ext_vals(exts.clone())
                 .nackable(sub.source.kind == TrackKind::Video);
-            tx.write_rtp(write);
+            if sub.source.kind == TrackKind::Video {
+                if let Some((_, write)) = p.pacer.offer(now, bytes, (sub.mid, write)) {
+                    tx.write_rtp(write);
+                }
+            } else {
+                p.pacer.pass(now, bytes);
+                p.audio_sent.on_packet(now, bytes);
+                tx.write_rtp(write);
+            }
             forwarded += 1;
         }
         self.stats.packets_forwarded += forwarded;
@@ -1128,7 +1206,15 @@ impl Room {
             let Some(track) = self.track(&sub.source) else {
                 continue;
             };
-            let layers = track.options(now);
+            let mut layers = track.options(now);
+            // Until a report backs the estimate, the lowest layer only. Starting low keeps a
+            // weak link's queue empty while the first feedback arrives, so its round trip is
+            // learnt unloaded and a queue built later shows (a link flooded from the start
+            // has a standing queue, and its round trip never rises again); and layers
+            // measured in a publisher's first seconds are still climbing and look cheap.
+            if !p.estimate.proven() && layers.len() > 1 {
+                layers.truncate(1);
+            }
             // Nothing measured yet (the publisher just started): leave the choice as it is.
             if layers.is_empty() {
                 continue;
@@ -1141,13 +1227,29 @@ impl Room {
         }
         let estimate = Some(p.estimate.bps());
         let losing = p.subscribe_stats.loss.is_some_and(|l| l >= PAUSE_LOSS);
-        let congested = p.estimate.congested();
+        // Video held back by the pacer for long means more is forwarded than the link
+        // carries, even before any loss is reported.
+        let congested = p.estimate.congested() || p.pacer.delay(now) >= PACER_CONGESTION;
+        let proven = p.estimate.proven();
         let requested = p.audio_only_requested;
+        // Audio comes first: at least the usual Opus rate per stream, more where measured.
+        let audio_bps =
+            (AUDIO_BPS * audio_streams as u64).max(p.audio_sent.bitrate(now).unwrap_or(0));
         let p = &mut self.participants[i];
-        p.allocator.set_congested(congested);
-        let allocation =
-            p.allocator
-                .allocate(now, estimate, losing, audio_streams, requested, &needs);
+        p.allocator.set_estimate(congested, proven);
+        let allocation = p
+            .allocator
+            .allocate(now, estimate, losing, audio_bps, requested, &needs);
+        // Paced at a margin above the estimate once a report backs it, or above what was
+        // chosen where even the lowest choice exceeds the estimate (a video without layers
+        // on a lossy link): the pacer smooths bursts, it does not hold a stream back for
+        // good. Before a report (or for a peer that sends no congestion control feedback)
+        // nothing is held back.
+        let rate = proven.then(|| {
+            let floor = p.estimate.bps().max(allocation.allocated_bps);
+            (floor as f64 * PACING_FACTOR) as u64
+        });
+        p.pacer.set_rate(now, rate);
         let mut changed = false;
         for (k, want) in slots.iter().zip(&allocation.wants) {
             let forwarder = &mut p.subs[*k].forwarder;
@@ -1378,20 +1480,26 @@ fn simulcast_rids(sdp: &str) -> HashMap<Mid, Vec<(String, Layer)>> {
     out
 }
 
-fn codec_of(rtc: &Rtc, pt: str0m::media::Pt) -> Option<Codec> {
-    rtc.codec_config()
-        .params()
+/// The codec a publisher's payload type carries and, for a RED payload type (str0m folds
+/// RED onto the codec it wraps), the payload type of that codec.
+fn codec_of(rtc: &Rtc, pt: str0m::media::Pt) -> Option<(Codec, Option<str0m::media::Pt>)> {
+    let params = rtc.codec_config().params();
+    if let Some(p) = params.iter().find(|p| p.pt() == pt) {
+        return Some((p.spec().codec, None));
+    }
+    params
         .iter()
-        .find(|p| p.pt() == pt)
-        .map(|p| p.spec().codec)
+        .find(|p| p.red() == Some(pt))
+        .map(|p| (p.spec().codec, Some(p.pt())))
 }
 
-fn pt_for(rtc: &Rtc, codec: Codec) -> Option<str0m::media::Pt> {
+/// A subscriber's payload type for `codec` and, where it negotiated RED for it, RED's.
+fn pt_for(rtc: &Rtc, codec: Codec) -> Option<(str0m::media::Pt, Option<str0m::media::Pt>)> {
     rtc.codec_config()
         .params()
         .iter()
         .find(|p| p.spec().codec == codec)
-        .map(|p| p.pt())
+        .map(|p| (p.pt(), p.red()))
 }
 
 /// A participant id as an msid token (RFC 8830 token characters only).
