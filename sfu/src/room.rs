@@ -73,6 +73,9 @@ const RTX_RATIO_CAP: f32 = 0.15;
 /// to drain while the link's own queue absorbs the rest.
 const PACING_FACTOR: f64 = 1.25;
 
+/// How long after the last congestion a subscriber's video stays paced.
+const PACING_HOLD: Duration = Duration::from_secs(30);
+
 /// Video held back this long by the pacer counts as congestion for the layer choice.
 const PACER_CONGESTION: Duration = Duration::from_millis(250);
 
@@ -267,6 +270,8 @@ struct Participant {
     subscribe_stats: StatsWindow,
     /// Spreads the video sent to this participant over time (see `sfu/src/pacer.rs`).
     pacer: Pacer<(Mid, RtpWrite)>,
+    /// When this participant's link last showed congestion; pacing is on for a while after.
+    congested_at: Option<Instant>,
     /// The audio sent to this participant (RED doubles a voice's rate where negotiated).
     audio_sent: RateMeter,
 }
@@ -523,6 +528,7 @@ impl Room {
             tracks: Vec::new(),
             subs: Vec::new(),
             pacer: Pacer::default(),
+            congested_at: None,
             audio_sent: RateMeter::default(),
             pending_adds,
             pending_removals: Vec::new(),
@@ -1240,12 +1246,19 @@ impl Room {
         let allocation = p
             .allocator
             .allocate(now, estimate, losing, audio_bps, requested, &needs);
-        // Paced at a margin above the estimate once a report backs it, or above what was
-        // chosen where even the lowest choice exceeds the estimate (a video without layers
-        // on a lossy link): the pacer smooths bursts, it does not hold a stream back for
-        // good. Before a report (or for a peer that sends no congestion control feedback)
-        // nothing is held back.
-        let rate = proven.then(|| {
+        // Paced on a link that showed congestion in the last PACING_HOLD (a link that never
+        // lost or queued anything takes bursts as they come), at a margin above the
+        // estimate, or above what was chosen where even the lowest choice exceeds the
+        // estimate (a video without layers on a lossy link): the pacer smooths bursts, it
+        // does not hold a stream back for good. Without a report backing the estimate (or
+        // for a peer that sends no congestion control feedback) nothing is held back.
+        if congested {
+            p.congested_at = Some(now);
+        }
+        let recently = p
+            .congested_at
+            .is_some_and(|t| now.saturating_duration_since(t) < PACING_HOLD);
+        let rate = (proven && recently).then(|| {
             let floor = p.estimate.bps().max(allocation.allocated_bps);
             (floor as f64 * PACING_FACTOR) as u64
         });

@@ -457,11 +457,7 @@ describe('web client media behaviour', { timeout: 300_000 }, () => {
       } else if (weakState.modality === 'audio_only') {
         await weak.page.locator('#modality-note').waitFor();
       } else {
-        // A known limitation (README): in some runs the throttled page's video stands still
-        // for several seconds after the cap while Haven steps its layers down, without an
-        // audio-only message. Recorded, not asserted, until it is fixed.
-        figures.throttled.stalled_without_modality_message = true;
-        console.log('figure: throttled page video stalled without a modality message (known limitation)');
+        assert.fail(`the throttled page's video stood still for 2 s without an audio-only message: ${JSON.stringify(weakState)}`);
       }
       // Its audio never stops.
       assert.ok(audioAfter > audioBefore + 20, `audio to the throttled page: ${audioBefore} then ${audioAfter}`);
