@@ -461,6 +461,37 @@ describe('web client media behaviour', { timeout: 300_000 }, () => {
       }
       // Its audio never stops.
       assert.ok(audioAfter > audioBefore + 20, `audio to the throttled page: ${audioBefore} then ${audioAfter}`);
+      // The estimate comes from the browser's transport-wide congestion control feedback:
+      // Haven offers it on the subscribe connection, the page keeps it in its answer, and the
+      // estimate Haven reports for the throttled page has learnt the cap (it starts at
+      // 1,000 kbit/s, and only feedback brings it down).
+      const offers = weak.tap.log.toPage.filter((m) => m.type === 'subscribe_offer');
+      assert.match(offers.at(-1).sdp, /a=extmap:\d+ http:\/\/www\.ietf\.org\/id\/draft-holmer-rmcat-transport-wide-cc-extensions-01/);
+      assert.match(offers.at(-1).sdp, /a=rtcp-fb:\d+ transport-cc/);
+      assert.match(sent(weak, 'subscribe_answer').at(-1).sdp, /a=rtcp-fb:\d+ transport-cc/);
+      // RED: the pages offer it for Opus, Haven accepts it on the publish connection and
+      // offers it on the subscribe one, and the audio the throttled page receives is RED
+      // (each packet also carries the frame before it, which covers a lost packet).
+      const publishAnswer = weak.tap.log.toPage.filter((m) => m.type === 'publish_answer').at(-1);
+      assert.match(publishAnswer.sdp, /a=rtpmap:\d+ red\/48000\/2/);
+      assert.match(sent(weak, 'subscribe_answer').at(-1).sdp, /a=rtpmap:\d+ red\/48000\/2/);
+      // Chrome reports the codec inside RED in its statistics; what it sends with, and what
+      // it expects to receive, are the codec lists of its sender and receivers, RED first.
+      const redUse = async (person) => person.page.evaluate(() => ({
+        sends: window.haven.pcs.publish.getSenders().find((x) => x.track?.kind === 'audio')
+          ?.getParameters().codecs[0]?.mimeType,
+        receives: window.haven.pcs.subscribe.getReceivers().filter((x) => x.track?.kind === 'audio')
+          .map((r) => r.getParameters().codecs[0]?.mimeType),
+      }));
+      const [therapistRed, weakRed] = [await redUse(therapist), await redUse(weak)];
+      figures.throttled.red = { therapist: therapistRed, throttled: weakRed };
+      assert.equal(therapistRed.sends, 'audio/red', JSON.stringify(therapistRed));
+      assert.deepEqual(weakRed.receives, ['audio/red', 'audio/red'], JSON.stringify(weakRed));
+      const weakQuality = therapist.tap.log.toPage.filter((m) => m.type === 'quality').at(-1)
+        ?.participants.find((q) => q.participant_id === 'p-34');
+      figures.throttled.estimate_kbps = weakQuality?.estimate_kbps;
+      assert.ok(weakQuality && weakQuality.estimate_kbps < CAP_KBPS * 1.5,
+        `the throttled page's estimate: ${JSON.stringify(weakQuality)}`);
       // And the two others keep the top layer while it is throttled.
       const still = await framesFrom(therapist.page, 'p-33');
       const stillAtClient = await framesFrom(client.page, 't-33');
