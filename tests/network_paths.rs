@@ -207,6 +207,38 @@ impl Pc {
     }
 }
 
+/// A publish connection with the person's audio track added.
+async fn with_audio(pc: Pc, who: &Person) -> (Pc, Arc<TrackLocalStaticRTP>) {
+    let track = audio_track(who.id, 0x4e50_0000 + u32::from(who.index));
+    pc.pc
+        .add_track(track.clone() as Arc<dyn TrackLocal>)
+        .await
+        .expect("add audio track");
+    (pc, track)
+}
+
+/// Creates an offer, sets it, and returns it with the gathered candidates.
+async fn offer_sdp(pc: &mut Pc) -> String {
+    let offer = pc.pc.create_offer(None).await.expect("offer");
+    pc.pc.set_local_description(offer).await.expect("set offer");
+    pc.gathered_sdp().await
+}
+
+/// Audio packet `n` of participant `index`: its number in the payload, Opus-sized.
+fn audio_packet(index: u8, n: u32) -> rtc::rtp::Packet {
+    rtc::rtp::Packet {
+        header: rtc::rtp::Header {
+            version: 2,
+            payload_type: 111,
+            sequence_number: n as u16,
+            timestamp: n.wrapping_mul(960),
+            ssrc: 0x4e50_0000 + u32::from(index),
+            ..Default::default()
+        },
+        payload: payload(index, n),
+    }
+}
+
 fn audio_track(who: &str, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
     let codec = RTCRtpCodec {
         mime_type: MIME_TYPE_OPUS.to_owned(),
@@ -310,15 +342,8 @@ async fn participant(
             }
             "joined" => {
                 subscribe = Some(peer_connection(who.path).await);
-                let mut pc = peer_connection(who.path).await;
-                let t = audio_track(who.id, 0x4e50_0000 + u32::from(who.index));
-                pc.pc
-                    .add_track(t.clone() as Arc<dyn TrackLocal>)
-                    .await
-                    .expect("add audio track");
-                let offer = pc.pc.create_offer(None).await.expect("offer");
-                pc.pc.set_local_description(offer).await.expect("set offer");
-                let sdp = pc.gathered_sdp().await;
+                let (mut pc, t) = with_audio(peer_connection(who.path).await, &who).await;
+                let sdp = offer_sdp(&mut pc).await;
                 signal
                     .send(json!({"type": "publish_offer", "sdp": sdp}))
                     .await;
@@ -342,17 +367,7 @@ async fn participant(
                     let mut tick = tokio::time::interval(AUDIO_INTERVAL);
                     for n in 0u32.. {
                         tick.tick().await;
-                        let pkt = rtc::rtp::Packet {
-                            header: rtc::rtp::Header {
-                                version: 2,
-                                payload_type: 111,
-                                sequence_number: n as u16,
-                                timestamp: n.wrapping_mul(960),
-                                ssrc: 0x4e50_0000 + u32::from(index),
-                                ..Default::default()
-                            },
-                            payload: payload(index, n),
-                        };
+                        let pkt = audio_packet(index, n);
                         if t.write_rtp(pkt).await.is_err() {
                             break;
                         }
@@ -590,17 +605,7 @@ async fn send_audio(
     loop {
         tick.tick().await;
         let n = shared.sent.fetch_add(1, Ordering::Relaxed);
-        let pkt = rtc::rtp::Packet {
-            header: rtc::rtp::Header {
-                version: 2,
-                payload_type: 111,
-                sequence_number: n as u16,
-                timestamp: n.wrapping_mul(960),
-                ssrc: 0x4e50_0000 + u32::from(index),
-                ..Default::default()
-            },
-            payload: payload(index, n),
-        };
+        let pkt = audio_packet(index, n);
         if track.write_rtp(pkt).await.is_err() {
             shared.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -759,15 +764,9 @@ async fn run_live(
             }
             "joined" => {
                 subscribe = Some(moving_peer_connection(who.path).await);
-                let mut pc = moving_peer_connection(who.path).await;
-                let track = audio_track(who.id, 0x4e50_0000 + u32::from(who.index));
-                pc.pc
-                    .add_track(track.clone() as Arc<dyn TrackLocal>)
-                    .await
-                    .expect("add audio track");
-                let offer = pc.pc.create_offer(None).await.expect("offer");
-                pc.pc.set_local_description(offer).await.expect("set offer");
-                let sdp = pc.gathered_sdp().await;
+                let (mut pc, track) =
+                    with_audio(moving_peer_connection(who.path).await, &who).await;
+                let sdp = offer_sdp(&mut pc).await;
                 negotiation += 1;
                 signal
                     .send(json!({"type": "publish_offer", "negotiation": negotiation, "sdp": sdp}))
