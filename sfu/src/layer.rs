@@ -50,7 +50,7 @@ pub const STEP_REACH: f64 = 1.75;
 pub const LOSS_CONFIRM: Duration = Duration::from_secs(3);
 
 /// The longest wait between two steps up.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(16);
 
 /// How long video stays paused for bandwidth before the lowest layer is tried again. While
 /// only audio is sent the estimate cannot learn that the link grew, so video comes back by
