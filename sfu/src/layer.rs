@@ -72,7 +72,8 @@ pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
 
 /// What one subscriber's link carries, judged from loss (the way the loss-based half of
 /// Google's congestion control does it): more than [`LOSS_DECREASE`] lost and the estimate
-/// drops by half the loss; under [`LOSS_INCREASE`] and it grows by 8 % a
+/// drops by half the loss (and to no more than what got through); under [`LOSS_INCREASE`]
+/// and it grows by 8 % a
 /// report, up to [`GROWTH_CAP`] times what was sent (so it never claims much more than it has
 /// seen carried); in between it holds.
 ///

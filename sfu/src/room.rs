@@ -398,11 +398,14 @@ impl Room {
             .enable_h264(true)
             .enable_vp9(true)
             .enable_av1(true)
-            // Loss reports feed the layer choice, so more often than the quality reports.
+            // The feedback figures (loss, round trip) feed the layer choice, so more often
+            // than the quality reports.
             .set_stats_interval(Some(STATS_INTERVAL));
-        // str0m's delay-based estimator (transport-wide congestion control) is not enabled:
-        // with it, its pacer held forwarded packets in rooms of ten and more until the delay
-        // reached seconds. The layer choice reads a loss-based estimate instead (`layer`).
+        // str0m's own estimator and pacer are not enabled: its pacer held forwarded packets
+        // in rooms of ten and more until the delay reached seconds. Transport-wide congestion
+        // control feedback still flows (the extension is negotiated), and str0m turns it into
+        // the loss and round trip the layer choice's estimate reads (`LossEstimate`); Haven
+        // paces congested subscribers itself (`pacer`).
         let mut rtc = builder.build(now);
         let candidate = Candidate::host(self.ctx.advertised, "udp")
             .map_err(|e| SfuError::BadSdp(format!("local candidate: {e}")))?;
