@@ -344,7 +344,7 @@ pub struct Allocator {
     backoff: Option<Duration>,
     /// What the last round allocated, video and audio.
     last_allocated: u64,
-    /// Since when every shown video has been at its lowest layer.
+    /// Since when every shown video has been at its lowest layer with the link losing.
     lowest_since: Option<Instant>,
     /// Whether the estimate's last report showed congestion (see [`Allocator::set_estimate`]).
     congested: bool,
@@ -606,7 +606,10 @@ impl Allocator {
                 || need.layers.is_empty()
                 || matches!(want, Want::Layer(l) if Some(*l) == need.layers.first().map(|o| o.layer))
         });
-        if !all_lowest {
+        // A video without layers is always at its lowest: what counts is how long it has
+        // been losing there, not how long it has been there (one burst of loss, as when a
+        // client's address changes, must not pause it).
+        if !all_lowest || !losing {
             self.lowest_since = None;
         } else if self.lowest_since.is_none() {
             self.lowest_since = Some(now);
@@ -886,9 +889,20 @@ mod tests {
         let out = a.allocate(t0, Some(150_000), false, AUDIO_BPS, false, &[need(None)]);
         assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         assert_eq!(out.audio_only, None);
-        // With loss going on at the lowest layer, it pauses.
+        // Loss there: one report of it is a burst (an address change, a moment of
+        // interference), not yet a reason to pause, however long the video was at its lowest.
         let later = t0 + LOSS_CONFIRM;
         let out = a.allocate(later, Some(150_000), true, AUDIO_BPS, false, &[need(None)]);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
+        // With loss going on at the lowest layer for LOSS_CONFIRM, it pauses.
+        let out = a.allocate(
+            later + LOSS_CONFIRM,
+            Some(150_000),
+            true,
+            AUDIO_BPS,
+            false,
+            &[need(None)],
+        );
         assert_eq!(out.wants, vec![Want::Paused]);
         assert_eq!(out.audio_only, Some(AudioOnlyReason::Bandwidth));
     }
