@@ -1051,6 +1051,24 @@ impl Room {
         else {
             return;
         };
+        // Payload types are looked up among the whole connection's codecs: one of the other
+        // kind than its m-line's track (audio sent on the video m-line, or the reverse) would
+        // otherwise be forwarded on subscribers' tracks of that kind, unpaced, counted as
+        // audio or video where it is not.
+        let kind = publisher
+            .tracks
+            .iter()
+            .find(|t| t.mid == mid)
+            .map(|t| t.kind);
+        let codec_kind = if codec.is_audio() {
+            TrackKind::Audio
+        } else {
+            TrackKind::Video
+        };
+        if kind.is_some_and(|k| k != codec_kind) {
+            tracing::trace!(session_id = %self.ctx.session, "payload type of the other kind than its track dropped");
+            return;
+        }
         if codec == Codec::Opus {
             if let Some(level) = pkt.header.ext_vals.audio_level {
                 publisher.level.on_level(now, level.unsigned_abs());

@@ -116,6 +116,9 @@ pub struct SimClient {
     pub loss_down: f64,
     /// The audio level (RFC 6464, -dBov) put on audio packets; none when `None`.
     pub audio_level: Option<i8>,
+    /// Sends every third video frame on its publish connection's Opus payload type instead
+    /// of VP8's (a misbehaving client: a payload type of the other kind than its m-line).
+    pub video_as_opus: bool,
     pub received: Vec<Received>,
     /// Mids of the subscribe connection and whose video/audio each carries.
     pub tracks: HashMap<Mid, (ParticipantId, &'static str)>,
@@ -268,6 +271,7 @@ impl SimRoom {
             loss_up: 0.0,
             loss_down: 0.0,
             audio_level: None,
+            video_as_opus: false,
             received: Vec::new(),
             tracks: HashMap::new(),
         };
@@ -648,7 +652,11 @@ fn send_media(c: &mut SimClient, now: Instant) {
                 payload[6..8].copy_from_slice(&c.index.to_be_bytes());
                 payload[8..16].copy_from_slice(&seq.to_be_bytes());
                 let ts = (c.frame * 3000) as u32;
-                let w = RtpWrite::new(vp8, seq.into(), ts, now, payload)
+                let pt = match opus {
+                    Some(opus) if c.video_as_opus && c.frame % 3 == 2 => opus,
+                    _ => vp8,
+                };
+                let w = RtpWrite::new(pt, seq.into(), ts, now, payload)
                     .marker(k + 1 == n)
                     .nackable(true);
                 tx.write_rtp(w);

@@ -106,3 +106,33 @@ fn red_audio_reaches_red_subscribers_as_red_and_others_as_its_primary_opus() {
         .any(|e| matches!(e, RoomEvent::ActiveSpeaker { participant: Some(p) } if p == t01));
     assert!(speaker, "the RED publisher became the active speaker");
 }
+
+#[test]
+fn a_payload_type_of_the_other_kind_than_its_track_is_not_forwarded() {
+    let mut sim = SimRoom::new(7);
+    let odd = sim.join("t-01", false);
+    let sub = sim.join("p-02", false);
+    // t-01 sends every third video frame on its Opus payload type: audio on the video m-line.
+    sim.clients[odd].video_as_opus = true;
+    sim.run(Duration::from_secs(4), STEP);
+
+    let t01 = sim.clients[odd].id.clone();
+    let (sub_opus, _) = sim.clients[sub].opus_pts(true).expect("opus");
+    // p-02's video track for t-01 carries only the frames sent as video, on one payload type
+    // (VP8's), none as Opus.
+    let video = sim.clients[sub].video_from(&t01);
+    assert!(video.len() > 100, "{} video packets", video.len());
+    let video_pts: std::collections::BTreeSet<u8> = video.iter().map(|r| r.pt).collect();
+    assert_eq!(
+        video_pts.len(),
+        1,
+        "payload types on the video track: {video_pts:?}"
+    );
+    assert!(!video_pts.contains(&sub_opus), "Opus on the video track");
+    // And t-01's real audio arrives, all of it on the audio track as Opus-sized packets.
+    let audio = sim.clients[sub].audio_from(&t01);
+    assert!(audio.len() > 150, "{} audio packets", audio.len());
+    assert!(audio
+        .iter()
+        .all(|r| r.pt == sub_opus && r.payload.len() < 400));
+}
