@@ -1256,7 +1256,8 @@ impl Room {
         let losing = p.subscribe_stats.loss.is_some_and(|l| l >= PAUSE_LOSS);
         // Video held back by the pacer for long means more is forwarded than the link
         // carries, even before any loss is reported.
-        let congested = p.estimate.congested() || p.pacer.delay(now) >= PACER_CONGESTION;
+        let link_congested = p.estimate.congested() || losing;
+        let congested = link_congested || p.pacer.delay(now) >= PACER_CONGESTION;
         let proven = p.estimate.proven();
         let requested = p.audio_only_requested;
         // Audio comes first: at least the usual Opus rate per stream, more where measured.
@@ -1273,7 +1274,9 @@ impl Room {
         // estimate (a video without layers on a lossy link): the pacer smooths bursts, it
         // does not hold a stream back for good. Without a report backing the estimate (or
         // for a peer that sends no congestion control feedback) nothing is held back.
-        if congested {
+        // The link's own signals start the hold; the pacer's queue does not (a keyframe
+        // that takes long at the pacing rate would otherwise keep the pacer on for good).
+        if link_congested {
             p.congested_at = Some(now);
         }
         let recently = p
