@@ -333,12 +333,7 @@ async fn participant(
         let Some(msg) = msg else { continue };
         match msg["type"].as_str().unwrap_or_default() {
             "waiting_list" => {
-                for w in msg["waiting"].as_array().into_iter().flatten() {
-                    let id = w["participant_id"].clone();
-                    signal
-                        .send(json!({"type": "admit", "participant_id": id}))
-                        .await;
-                }
+                signal.admit_all(&msg).await;
             }
             "joined" => {
                 subscribe = Some(peer_connection(who.path).await);
@@ -755,12 +750,7 @@ async fn run_live(
         shared.hear(msg.clone());
         match msg["type"].as_str().unwrap_or_default() {
             "waiting_list" if who.role == "therapist" => {
-                for w in msg["waiting"].as_array().into_iter().flatten() {
-                    let id = w["participant_id"].clone();
-                    signal
-                        .send(json!({"type": "admit", "participant_id": id}))
-                        .await;
-                }
+                signal.admit_all(&msg).await;
             }
             "joined" => {
                 subscribe = Some(moving_peer_connection(who.path).await);

@@ -385,6 +385,15 @@ impl Signal {
             .expect("send");
     }
 
+    /// Admits everyone a `waiting_list` message names (as a therapist's page would).
+    pub async fn admit_all(&mut self, waiting_list: &Value) {
+        for w in waiting_list["waiting"].as_array().into_iter().flatten() {
+            let id = w["participant_id"].clone();
+            self.send(json!({"type": "admit", "participant_id": id}))
+                .await;
+        }
+    }
+
     pub async fn join(&mut self, token: &str) {
         self.send(json!({"type": "join", "token": token})).await;
     }

@@ -367,12 +367,7 @@ pub async fn participant(
         let Some(msg) = msg else { continue };
         match msg["type"].as_str().unwrap_or_default() {
             "waiting_list" => {
-                for w in msg["waiting"].as_array().into_iter().flatten() {
-                    let id = w["participant_id"].clone();
-                    signal
-                        .send(json!({"type": "admit", "participant_id": id}))
-                        .await;
-                }
+                signal.admit_all(&msg).await;
             }
             "joined" => {
                 let servers = ice_servers(&msg);
@@ -1264,12 +1259,7 @@ async fn run_member(
         said.push(msg.clone());
         match msg["type"].as_str().unwrap_or_default() {
             "waiting_list" if who.role == "therapist" => {
-                for w in msg["waiting"].as_array().into_iter().flatten() {
-                    let id = w["participant_id"].clone();
-                    signal
-                        .send(json!({"type": "admit", "participant_id": id}))
-                        .await;
-                }
+                signal.admit_all(&msg).await;
             }
             "joined" => {
                 let servers = ice_servers(&msg);
