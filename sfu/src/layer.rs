@@ -471,7 +471,15 @@ impl Allocator {
                 continue;
             }
             shown += 1;
-            let cap = size_cap(need);
+            // Until a report backs the estimate, the lowest layer only. Starting low keeps a
+            // weak link's queue empty while the first feedback arrives, so its round trip is
+            // learnt unloaded and a queue built later shows (a link flooded from the start
+            // has a standing queue, and its round trip never rises again); and layers
+            // measured in a publisher's first seconds are still climbing and look cheap.
+            let cap = match need.layers.first() {
+                Some(lowest) if self.guess => lowest.layer,
+                _ => size_cap(need),
+            };
             let under_cap: Vec<&LayerOption> =
                 need.layers.iter().filter(|l| l.layer <= cap).collect();
             let Some(lowest) = under_cap.first().copied().or(need.layers.first()) else {
@@ -1036,24 +1044,26 @@ mod tests {
         };
         let needs = [need([150_000, 300_000, 600_000])];
         let mut a = Allocator::default();
+        // The guess would cover the top layer; until a report backs it, the lowest only.
         a.set_estimate(false, false);
         let out = a.allocate(now, Some(1_000_000), false, AUDIO_BPS, false, &needs);
-        assert_eq!(out.wants, vec![Want::Layer(Layer::High)]);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Low)]);
         // The first report brings the guess down to 560 kbit/s: backed now, and not a fall
-        // (a fall would be congestion and take the video down to what the budget covers).
+        // (a fall would be congestion, and nothing goes up while congested); the budget
+        // covers the middle layer with headroom, so the video goes up to it at once.
         a.set_estimate(false, true);
         let out = a.allocate(
-            now + Duration::from_secs(1),
+            now + Duration::from_secs(3),
             Some(560_000),
             false,
             AUDIO_BPS,
             false,
             &needs,
         );
-        assert_eq!(out.wants, vec![Want::Layer(Layer::High)]);
+        assert_eq!(out.wants, vec![Want::Layer(Layer::Medium)]);
         // A real fall from there is congestion: down to what the budget covers.
         let out = a.allocate(
-            now + Duration::from_secs(2),
+            now + Duration::from_secs(4),
             Some(300_000),
             false,
             AUDIO_BPS,

@@ -1055,11 +1055,8 @@ impl Room {
         // kind than its m-line's track (audio sent on the video m-line, or the reverse) would
         // otherwise be forwarded on subscribers' tracks of that kind, unpaced, counted as
         // audio or video where it is not.
-        let kind = publisher
-            .tracks
-            .iter()
-            .find(|t| t.mid == mid)
-            .map(|t| t.kind);
+        let track = publisher.tracks.iter().position(|t| t.mid == mid);
+        let kind = track.map(|k| publisher.tracks[k].kind);
         let codec_kind = if codec.is_audio() {
             TrackKind::Audio
         } else {
@@ -1105,7 +1102,7 @@ impl Room {
         let tl0 = vp8.and_then(|d| d.tl0(&pkt.payload));
 
         let rid = pkt.header.ext_vals.rid.or(stream_rid);
-        let layer = match publisher.tracks.iter_mut().find(|t| t.mid == mid) {
+        let layer = match track.and_then(|k| publisher.tracks.get_mut(k)) {
             Some(track) => {
                 let layer = track.layer_of(rid.as_deref());
                 let state = &mut track.layers[layer.index()];
@@ -1233,15 +1230,7 @@ impl Room {
             let Some(track) = self.track(&sub.source) else {
                 continue;
             };
-            let mut layers = track.options(now);
-            // Until a report backs the estimate, the lowest layer only. Starting low keeps a
-            // weak link's queue empty while the first feedback arrives, so its round trip is
-            // learnt unloaded and a queue built later shows (a link flooded from the start
-            // has a standing queue, and its round trip never rises again); and layers
-            // measured in a publisher's first seconds are still climbing and look cheap.
-            if !p.estimate.proven() && layers.len() > 1 {
-                layers.truncate(1);
-            }
+            let layers = track.options(now);
             // Nothing measured yet (the publisher just started): leave the choice as it is.
             if layers.is_empty() {
                 continue;
